@@ -1,0 +1,254 @@
+//! Decoders for the message bodies the proxy must read. They borrow from the frame: no copies.
+
+use super::{Error, TxStatus};
+
+/// Splits a NUL-terminated string off the front of `buf`.
+pub fn cstr<'a>(buf: &'a [u8], what: &'static str) -> Result<(&'a [u8], &'a [u8]), Error> {
+    let end = buf
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or(Error::Malformed(what))?;
+    Ok((&buf[..end], &buf[end + 1..]))
+}
+
+fn utf8<'a>(bytes: &'a [u8], what: &'static str) -> Result<&'a str, Error> {
+    std::str::from_utf8(bytes).map_err(|_| Error::Malformed(what))
+}
+
+/// A simple Query's SQL text.
+pub fn query(body: &[u8]) -> Result<&[u8], Error> {
+    Ok(cstr(body, "Query")?.0)
+}
+
+/// Parse: statement name, SQL, and the parameter-type section left as bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parse<'a> {
+    pub name: &'a [u8],
+    pub query: &'a [u8],
+    /// `i16` count and the parameter type OIDs, as sent.
+    pub param_types: &'a [u8],
+}
+
+pub fn parse(body: &[u8]) -> Result<Parse<'_>, Error> {
+    let (name, rest) = cstr(body, "Parse")?;
+    let (query, param_types) = cstr(rest, "Parse")?;
+    if param_types.len() < 2 {
+        return Err(Error::Malformed("Parse"));
+    }
+    let n = i16::from_be_bytes([param_types[0], param_types[1]]);
+    if n < 0 || param_types.len() != 2 + 4 * n as usize {
+        return Err(Error::Malformed("Parse"));
+    }
+    Ok(Parse {
+        name,
+        query,
+        param_types,
+    })
+}
+
+/// Bind: portal and statement names; formats, values and result formats left as bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bind<'a> {
+    pub portal: &'a [u8],
+    pub statement: &'a [u8],
+    pub rest: &'a [u8],
+}
+
+pub fn bind(body: &[u8]) -> Result<Bind<'_>, Error> {
+    let (portal, rest) = cstr(body, "Bind")?;
+    let (statement, rest) = cstr(rest, "Bind")?;
+    Ok(Bind {
+        portal,
+        statement,
+        rest,
+    })
+}
+
+/// Describe or Close: `'S'` (statement) or `'P'` (portal), and the name.
+pub fn target<'a>(body: &'a [u8], what: &'static str) -> Result<(u8, &'a [u8]), Error> {
+    let (&kind, rest) = body.split_first().ok_or(Error::Malformed(what))?;
+    if kind != b'S' && kind != b'P' {
+        return Err(Error::Malformed(what));
+    }
+    let (name, rest) = cstr(rest, what)?;
+    if !rest.is_empty() {
+        return Err(Error::Malformed(what));
+    }
+    Ok((kind, name))
+}
+
+pub fn ready_for_query(body: &[u8]) -> Result<TxStatus, Error> {
+    match body {
+        [b] => TxStatus::from_byte(*b).ok_or(Error::Malformed("ReadyForQuery")),
+        _ => Err(Error::Malformed("ReadyForQuery")),
+    }
+}
+
+/// CommandComplete's tag, e.g. `SELECT 1`, `COMMIT`.
+pub fn command_complete(body: &[u8]) -> Result<&str, Error> {
+    utf8(cstr(body, "CommandComplete")?.0, "CommandComplete")
+}
+
+/// The fields of an ErrorResponse or NoticeResponse the proxy looks at.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ErrorFields {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+}
+
+pub fn error_fields(body: &[u8]) -> Result<ErrorFields, Error> {
+    let mut fields = ErrorFields::default();
+    let mut rest = body;
+    loop {
+        let (&kind, after) = rest
+            .split_first()
+            .ok_or(Error::Malformed("ErrorResponse"))?;
+        if kind == 0 {
+            return Ok(fields);
+        }
+        let (value, after) = cstr(after, "ErrorResponse")?;
+        let value = String::from_utf8_lossy(value).into_owned();
+        match kind {
+            b'S' => fields.severity = value,
+            b'C' => fields.code = value,
+            b'M' => fields.message = value,
+            _ => {}
+        }
+        rest = after;
+    }
+}
+
+/// ParameterStatus: name and value.
+pub fn parameter_status(body: &[u8]) -> Result<(String, String), Error> {
+    let (name, rest) = cstr(body, "ParameterStatus")?;
+    let (value, _) = cstr(rest, "ParameterStatus")?;
+    Ok((
+        utf8(name, "ParameterStatus")?.to_string(),
+        utf8(value, "ParameterStatus")?.to_string(),
+    ))
+}
+
+/// BackendKeyData: process id and secret key.
+pub fn backend_key_data(body: &[u8]) -> Result<(i32, i32), Error> {
+    match body {
+        [a, b, c, d, e, f, g, h] => Ok((
+            i32::from_be_bytes([*a, *b, *c, *d]),
+            i32::from_be_bytes([*e, *f, *g, *h]),
+        )),
+        _ => Err(Error::Malformed("BackendKeyData")),
+    }
+}
+
+/// What a client sent first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Startup {
+    Ssl,
+    GssEnc,
+    Cancel {
+        pid: i32,
+        secret: i32,
+    },
+    /// Protocol 3.0 startup with its `name=value` parameters.
+    Params(Vec<(String, String)>),
+    /// A protocol version the proxy does not speak.
+    Unsupported(i32),
+}
+
+/// Decodes the body of a startup-phase message (after the length word).
+pub fn startup(body: &[u8]) -> Result<Startup, Error> {
+    if body.len() < 4 {
+        return Err(Error::Malformed("startup"));
+    }
+    let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+    let rest = &body[4..];
+    match code {
+        super::code::SSL_REQUEST => Ok(Startup::Ssl),
+        super::code::GSSENC_REQUEST => Ok(Startup::GssEnc),
+        super::code::CANCEL_REQUEST => match rest {
+            [a, b, c, d, e, f, g, h] => Ok(Startup::Cancel {
+                pid: i32::from_be_bytes([*a, *b, *c, *d]),
+                secret: i32::from_be_bytes([*e, *f, *g, *h]),
+            }),
+            _ => Err(Error::Malformed("CancelRequest")),
+        },
+        super::code::PROTOCOL_3 => {
+            let mut params = Vec::new();
+            let mut rest = rest;
+            loop {
+                let (name, after) = cstr(rest, "startup")?;
+                if name.is_empty() {
+                    break;
+                }
+                let (value, after) = cstr(after, "startup")?;
+                params.push((
+                    utf8(name, "startup")?.to_string(),
+                    utf8(value, "startup")?.to_string(),
+                ));
+                rest = after;
+            }
+            Ok(Startup::Params(params))
+        }
+        other => Ok(Startup::Unsupported(other)),
+    }
+}
+
+/// An authentication request from a server: its code and the data after it.
+pub fn auth_request(body: &[u8]) -> Result<(i32, &[u8]), Error> {
+    if body.len() < 4 {
+        return Err(Error::Malformed("Authentication"));
+    }
+    Ok((
+        i32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+        &body[4..],
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_bind_split() {
+        let p = parse(b"s1\0SELECT $1\0\0\x01\0\0\0\x17").expect("parse");
+        assert_eq!(p.name, b"s1");
+        assert_eq!(p.query, b"SELECT $1");
+        assert_eq!(p.param_types, b"\0\x01\0\0\0\x17");
+        assert!(parse(b"s1\0SELECT\0\0\x05").is_err());
+        assert!(parse(b"s1\0SELECT").is_err());
+
+        let b = bind(b"\0s1\0\0\0\0\0\0\0").expect("bind");
+        assert_eq!(b.portal, b"");
+        assert_eq!(b.statement, b"s1");
+        assert!(bind(b"p").is_err());
+    }
+
+    #[test]
+    fn startup_variants() {
+        let mut body = 196_608i32.to_be_bytes().to_vec();
+        body.extend_from_slice(b"user\0app\0database\0db\0\0");
+        assert_eq!(
+            startup(&body).expect("startup"),
+            Startup::Params(vec![
+                ("user".into(), "app".into()),
+                ("database".into(), "db".into())
+            ])
+        );
+        assert_eq!(
+            startup(&80_877_103i32.to_be_bytes()).expect("ssl"),
+            Startup::Ssl
+        );
+        assert!(startup(&[1, 2]).is_err());
+        let mut bad = 196_608i32.to_be_bytes().to_vec();
+        bad.extend_from_slice(b"user\0app");
+        assert!(startup(&bad).is_err());
+    }
+
+    #[test]
+    fn error_fields_read() {
+        let f = error_fields(b"SERROR\0C42601\0Msyntax\0\0").expect("fields");
+        assert_eq!(f.code, "42601");
+        assert_eq!(f.message, "syntax");
+        assert!(error_fields(b"SERROR").is_err());
+    }
+}

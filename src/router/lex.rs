@@ -1,0 +1,203 @@
+//! A small SQL lexer: splits a query string into statements and reads leading keywords, cheaply
+//! and without the full parser. Knows Postgres quoting: '..', E'..', "..", $tag$..$tag$,
+//! -- and nested /* */ comments.
+
+/// Splits `sql` at top-level semicolons. Empty statements (only whitespace/comments) are dropped.
+/// Each returned slice excludes the semicolon.
+pub fn statements(sql: &str) -> Vec<&str> {
+    let bytes = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b';' => {
+                push_nonempty(&mut out, &sql[start..i]);
+                start = i + 1;
+                i += 1;
+            }
+            _ => i = skip_token(bytes, i),
+        }
+    }
+    push_nonempty(&mut out, &sql[start..]);
+    out
+}
+
+fn push_nonempty<'a>(out: &mut Vec<&'a str>, stmt: &'a str) {
+    if first_word_at(stmt.as_bytes(), 0).is_some() {
+        out.push(stmt);
+    }
+}
+
+/// Advances past one lexical unit starting at `i` (a quoted string, comment, or one byte).
+fn skip_token(b: &[u8], i: usize) -> usize {
+    match b[i] {
+        b'\'' => skip_quoted(b, i, b'\''),
+        b'"' => skip_quoted(b, i, b'"'),
+        b'-' if b.get(i + 1) == Some(&b'-') => b[i..]
+            .iter()
+            .position(|&c| c == b'\n')
+            .map_or(b.len(), |p| i + p + 1),
+        b'/' if b.get(i + 1) == Some(&b'*') => skip_block_comment(b, i),
+        b'$' => skip_dollar(b, i),
+        _ => i + 1,
+    }
+}
+
+fn skip_quoted(b: &[u8], i: usize, q: u8) -> usize {
+    // E'..' strings allow backslash escapes; a plain '' doubles the quote. Treating backslash as
+    // an escape only after E is what standard_conforming_strings=on (the default) means.
+    let escapes =
+        q == b'\'' && i > 0 && matches!(b[i - 1], b'e' | b'E') && (i < 2 || !is_ident(b[i - 2]));
+    let mut j = i + 1;
+    while j < b.len() {
+        if escapes && b[j] == b'\\' {
+            j += 2;
+            continue;
+        }
+        if b[j] == q {
+            if b.get(j + 1) == Some(&q) {
+                j += 2;
+                continue;
+            }
+            return j + 1;
+        }
+        j += 1;
+    }
+    b.len()
+}
+
+fn skip_block_comment(b: &[u8], i: usize) -> usize {
+    let mut depth = 0;
+    let mut j = i;
+    while j + 1 < b.len() {
+        if b[j] == b'/' && b[j + 1] == b'*' {
+            depth += 1;
+            j += 2;
+        } else if b[j] == b'*' && b[j + 1] == b'/' {
+            depth -= 1;
+            j += 2;
+            if depth == 0 {
+                return j;
+            }
+        } else {
+            j += 1;
+        }
+    }
+    b.len()
+}
+
+fn skip_dollar(b: &[u8], i: usize) -> usize {
+    // $n is a parameter, $tag$ or $$ opens a dollar-quoted string.
+    if i > 0 && is_ident(b[i - 1]) {
+        return i + 1;
+    }
+    let mut j = i + 1;
+    while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_' || b[j] >= 0x80) {
+        if j == i + 1 && b[j].is_ascii_digit() {
+            return i + 1;
+        }
+        j += 1;
+    }
+    if b.get(j) != Some(&b'$') {
+        return i + 1;
+    }
+    let tag = &b[i..=j];
+    let body = j + 1;
+    b[body..]
+        .windows(tag.len())
+        .position(|w| w == tag)
+        .map_or(b.len(), |p| body + p + tag.len())
+}
+
+fn is_ident(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80
+}
+
+/// The first word at or after `i`, skipping whitespace and comments: (start, end).
+fn first_word_at(b: &[u8], mut i: usize) -> Option<(usize, usize)> {
+    loop {
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i >= b.len() {
+            return None;
+        }
+        if (b[i] == b'-' && b.get(i + 1) == Some(&b'-'))
+            || (b[i] == b'/' && b.get(i + 1) == Some(&b'*'))
+        {
+            i = skip_token(b, i);
+            continue;
+        }
+        let start = i;
+        if is_ident(b[i]) {
+            while i < b.len() && (is_ident(b[i]) || b[i] == b'$') {
+                i += 1;
+            }
+        } else {
+            i = skip_token(b, i);
+        }
+        return Some((start, i));
+    }
+}
+
+/// Iterates over the tokens of a statement (words, quoted strings, single punctuation),
+/// skipping whitespace and comments.
+pub struct Tokens<'a> {
+    sql: &'a str,
+    pos: usize,
+}
+
+impl<'a> Tokens<'a> {
+    pub fn new(sql: &'a str) -> Self {
+        Tokens { sql, pos: 0 }
+    }
+
+    /// The unread remainder of the statement, trimmed.
+    pub fn rest(&self) -> &'a str {
+        self.sql[self.pos..].trim()
+    }
+}
+
+impl<'a> Iterator for Tokens<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let (start, end) = first_word_at(self.sql.as_bytes(), self.pos)?;
+        self.pos = end;
+        Some(&self.sql[start..end])
+    }
+}
+
+/// The first keyword of a statement, lowercased (empty if there is none).
+pub fn first_keyword(stmt: &str) -> String {
+    Tokens::new(stmt)
+        .next()
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_outside_quotes_and_comments() {
+        let sql = "SELECT ';' ; SELECT $$a;b$$; -- c;\n SELECT \"x;y\" /* ; /* ; */ */; ;";
+        let stmts = statements(sql);
+        assert_eq!(stmts.len(), 3, "{stmts:?}");
+        assert_eq!(stmts[0].trim(), "SELECT ';'");
+        assert!(stmts[2].contains("\"x;y\""));
+        assert_eq!(statements("  ; -- only a comment").len(), 0);
+        assert_eq!(statements("select E'a\\';b'; select 1").len(), 2);
+        assert_eq!(statements("select $1; select $tag$ ; $tag$").len(), 2);
+    }
+
+    #[test]
+    fn tokens_skip_comments() {
+        let words: Vec<_> = Tokens::new("/* hi */ SET -- x\n search_path TO 'a b'").collect();
+        assert_eq!(words, vec!["SET", "search_path", "TO", "'a b'"]);
+        assert_eq!(first_keyword("  -- c\n begin"), "begin");
+        assert_eq!(first_keyword(""), "");
+    }
+}

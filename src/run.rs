@@ -1,0 +1,234 @@
+//! What each subcommand does: serve, check and demo. `main.rs` only parses and reports.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tracing::info;
+
+use crate::cli::{self, Command};
+use crate::cluster::{ClusterSpec, LocalCluster};
+use crate::config::{self, Config};
+use crate::server;
+
+/// How long SIGTERM waits for clients to finish before the process exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs one subcommand to completion.
+///
+/// # Errors
+/// A one-line reason: bad config, bind failure, cluster start failure.
+pub fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Serve { config } => {
+            let config = load(&cli::config_path(config))?;
+            let config = Arc::new(config);
+            runtime()?.block_on(async {
+                let handle = start(&config).await?;
+                serve_until_signal(handle).await
+            })
+        }
+        Command::Check { config } => {
+            let path = cli::config_path(config);
+            let config = load(&path)?;
+            print!("{}", summary(&path, &config));
+            Ok(())
+        }
+        Command::Demo {
+            shards,
+            replicas,
+            port,
+        } => demo(shards, replicas, port),
+    }
+}
+
+fn load(path: &Path) -> Result<Config> {
+    Ok(Config::load(path)?)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+async fn start(config: &Arc<Config>) -> Result<server::Handle> {
+    server::start(config.clone())
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))
+}
+
+/// Serves until SIGINT (exit now) or SIGTERM (stop accepting, let clients finish, bounded).
+async fn serve_until_signal(handle: server::Handle) -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {
+            info!("interrupted: exiting");
+        }
+        _ = term.recv() => {
+            info!("terminated: draining clients");
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, handle.shutdown()).await;
+        }
+    }
+    Ok(())
+}
+
+/// The text `tessera check` prints.
+pub fn summary(path: &Path, config: &Config) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "{}: ok", path.display());
+    let _ = writeln!(s, "listen      {}", config.listen);
+    let _ = writeln!(s, "database    {}", config.database);
+    let _ = writeln!(
+        s,
+        "users       {} ({:?})",
+        config
+            .users
+            .iter()
+            .map(|u| u.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        config.auth_method
+    );
+    let _ = writeln!(
+        s,
+        "pool        {:?}, {} connections per server",
+        config.pool.mode, config.pool.size
+    );
+    let _ = writeln!(s, "strategy    {:?}", config.sharding.strategy);
+    for (table, column) in &config.sharding.tables {
+        let _ = writeln!(s, "sharded     {table}.{column}");
+    }
+    for table in &config.sharding.reference_tables {
+        let _ = writeln!(s, "reference   {table}");
+    }
+    for shard in &config.shards {
+        let range = match shard.range {
+            Some(config::Range { from, to }) => format!(
+                " range [{}, {})",
+                from.map_or("-inf".to_string(), |v| v.to_string()),
+                to.map_or("+inf".to_string(), |v| v.to_string())
+            ),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            s,
+            "shard {:<5} primary {} replicas [{}]{}",
+            shard.name,
+            shard.primary,
+            shard.replicas.join(", "),
+            range
+        );
+    }
+    s
+}
+
+/// The map `tessera demo` serves: the shipped `shard-map.yaml` shape with the cluster's ports.
+pub fn demo_config(cluster: &LocalCluster, port: u16) -> Config {
+    let spec = cluster.spec();
+    let mut config: Config = Config {
+        listen: format!("127.0.0.1:{port}"),
+        database: spec.database.clone(),
+        auth_method: config::AuthMethod::ScramSha256,
+        users: vec![config::User {
+            name: spec.user.clone(),
+            password: spec.password.clone(),
+        }],
+        backend: config::Backend {
+            user: spec.user.clone(),
+            password: spec.password.clone(),
+            database: spec.database.clone(),
+        },
+        pool: config::Pool::default(),
+        limits: config::Limits::default(),
+        sharding: config::Sharding::default(),
+        shards: Vec::new(),
+    };
+    config.sharding.tables.insert("users".into(), "id".into());
+    config
+        .sharding
+        .tables
+        .insert("orders".into(), "user_id".into());
+    config.sharding.reference_tables.push("countries".into());
+    config.shards = cluster
+        .shards()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| config::Shard {
+            name: format!("s{i}"),
+            primary: s.primary.addr(),
+            replicas: s.replicas.iter().map(|r| r.addr()).collect(),
+            range: None,
+        })
+        .collect();
+    config
+}
+
+/// The demo schema, created on every shard (DDL runs everywhere).
+pub const DEMO_SCHEMA: &str = "
+CREATE TABLE countries (code text PRIMARY KEY, name text NOT NULL);
+CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, country text, created_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE orders (id bigint NOT NULL, user_id bigint NOT NULL, amount numeric(12,2) NOT NULL, placed_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (user_id, id));
+";
+
+/// Sample rows, loaded through the proxy.
+pub const DEMO_DATA: &str = "
+INSERT INTO countries VALUES ('fr', 'France'), ('jp', 'Japan'), ('br', 'Brazil'), ('ng', 'Nigeria');
+INSERT INTO users (id, name, country) SELECT i, 'user ' || i, (ARRAY['fr','jp','br','ng'])[1 + i % 4] FROM generate_series(1, 100) AS i;
+INSERT INTO orders (id, user_id, amount) SELECT i, 1 + i % 100, (i * 7 % 500) + 0.99 FROM generate_series(1, 500) AS i;
+";
+
+fn demo(shards: usize, replicas: usize, port: u16) -> Result<()> {
+    if shards == 0 {
+        anyhow::bail!("--shards must be at least 1");
+    }
+    let spec = ClusterSpec {
+        shards,
+        replicas,
+        ..ClusterSpec::default()
+    };
+    eprintln!("starting {shards} shard(s) x (primary + {replicas} replica(s))...");
+    let cluster = LocalCluster::start(&spec).context("cannot start the local cluster")?;
+    let config = Arc::new(demo_config(&cluster, port));
+    let url = format!(
+        "postgres://{}:{}@127.0.0.1:{port}/{}",
+        spec.user, spec.password, spec.database
+    );
+    let result = runtime()?.block_on(async {
+        for shard in cluster.shards() {
+            let direct = format!(
+                "postgres://{}:{}@{}/{}",
+                spec.user,
+                spec.password,
+                shard.primary.addr(),
+                spec.database
+            );
+            execute(&direct, DEMO_SCHEMA).await.context("cannot create the demo schema")?;
+        }
+        let handle = start(&config).await?;
+        execute(&url, DEMO_DATA).await.context("cannot load demo data through the proxy")?;
+        println!(
+            "\nTessera demo is serving on {}.\nConnect with:\n\n    psql {url}\n\nPress Ctrl-C to stop and remove the cluster.",
+            config.listen
+        );
+        serve_until_signal(handle).await
+    });
+    drop(cluster);
+    result
+}
+
+/// Runs a script on one connection.
+async fn execute(url: &str, sql: &str) -> Result<()> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    let task = tokio::spawn(conn);
+    client.batch_execute(sql).await?;
+    drop(client);
+    let _ = task.await;
+    Ok(())
+}

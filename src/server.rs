@@ -1,0 +1,313 @@
+//! The accept loop and the state every client task shares: pools, users, the cancel-key
+//! registry and the prepared-statement registry.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use rand::RngExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, warn};
+
+use crate::backend::{self, CancelKey, Pool};
+use crate::config::{AuthMethod, Config};
+use crate::frontend;
+use crate::frontend::auth::ScramVerifier;
+use crate::protocol::{build, decode};
+use crate::router::Router;
+
+/// The servers of one shard.
+pub struct ShardPools {
+    pub primary: Pool,
+    pub replicas: Vec<Pool>,
+}
+
+/// How one proxy user authenticates.
+pub struct UserSecret {
+    pub scram: Option<ScramVerifier>,
+    /// Needed for md5 and cleartext; absent when the config holds only a SCRAM verifier.
+    pub plaintext: Option<String>,
+}
+
+/// Everything client tasks share, behind one `Arc`.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub shards: Vec<ShardPools>,
+    pub router: Router,
+    pub users: HashMap<String, UserSecret>,
+    pub cancels: CancelRegistry,
+    pub statements: StatementRegistry,
+}
+
+impl Shared {
+    /// Builds pools (no connection is opened yet) and derives SCRAM verifiers.
+    pub fn new(config: Arc<Config>) -> Shared {
+        let creds = backend::Credentials {
+            user: config.backend.user.clone(),
+            password: config.backend.password.clone(),
+            database: config.backend.database.clone(),
+        };
+        let shards = config
+            .shards
+            .iter()
+            .map(|s| ShardPools {
+                primary: Pool::new(&s.primary, creds.clone(), &config.pool),
+                replicas: s
+                    .replicas
+                    .iter()
+                    .map(|r| Pool::new(r, creds.clone(), &config.pool))
+                    .collect(),
+            })
+            .collect();
+        let users = config
+            .users
+            .iter()
+            .map(|u| {
+                let secret = match ScramVerifier::parse(&u.password) {
+                    Some(v) => UserSecret {
+                        scram: Some(v),
+                        plaintext: None,
+                    },
+                    None => UserSecret {
+                        scram: (config.auth_method == AuthMethod::ScramSha256)
+                            .then(|| ScramVerifier::from_password(&u.password)),
+                        plaintext: Some(u.password.clone()),
+                    },
+                };
+                (u.name.clone(), secret)
+            })
+            .collect();
+        Shared {
+            config,
+            shards,
+            router: Router::new(),
+            users,
+            cancels: CancelRegistry::default(),
+            statements: StatementRegistry::default(),
+        }
+    }
+}
+
+// === CancelRegistry ===
+
+/// Maps the BackendKeyData Tessera gave each client to the server connection it is using now.
+#[derive(Default)]
+pub struct CancelRegistry {
+    clients: Mutex<HashMap<i32, (i32, Option<CancelKey>)>>,
+}
+
+impl CancelRegistry {
+    /// Registers a new client; returns its (pid, secret).
+    pub fn register(&self) -> (i32, i32) {
+        let mut rng = rand::rng();
+        let mut clients = self.clients.lock();
+        loop {
+            let pid = rng.random_range(1..i32::MAX);
+            if let std::collections::hash_map::Entry::Vacant(e) = clients.entry(pid) {
+                let secret = rng.random::<i32>();
+                e.insert((secret, None));
+                return (pid, secret);
+            }
+        }
+    }
+
+    /// Points a client's key at the server connection running its queries (or at none).
+    pub fn set_target(&self, pid: i32, target: Option<CancelKey>) {
+        if let Some(entry) = self.clients.lock().get_mut(&pid) {
+            entry.1 = target;
+        }
+    }
+
+    pub fn unregister(&self, pid: i32) {
+        self.clients.lock().remove(&pid);
+    }
+
+    /// The server key to cancel, if `(pid, secret)` is a live client with a query running.
+    pub fn lookup(&self, pid: i32, secret: i32) -> Option<CancelKey> {
+        let clients = self.clients.lock();
+        match clients.get(&pid) {
+            Some((s, target)) if *s == secret => target.clone(),
+            _ => None,
+        }
+    }
+}
+
+/// Forwards a CancelRequest to the server connection the client is using.
+pub async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
+    let Some(key) = shared.cancels.lookup(pid, secret) else {
+        debug!(pid, "cancel request for no running query");
+        return;
+    };
+    let mut msg = BytesMut::new();
+    build::cancel_request(&mut msg, key.pid, key.secret);
+    let timeout = shared.config.pool.connect_timeout();
+    let sent = tokio::time::timeout(timeout, async {
+        let mut stream = TcpStream::connect(&key.addr).await?;
+        stream.write_all(&msg).await?;
+        stream.shutdown().await
+    })
+    .await;
+    match sent {
+        Ok(Ok(())) => debug!(server = %key.addr, "cancel forwarded"),
+        Ok(Err(e)) => warn!(server = %key.addr, cause = %e, "cannot forward cancel"),
+        Err(_) => warn!(server = %key.addr, "timed out forwarding cancel"),
+    }
+}
+
+// === StatementRegistry ===
+
+/// A named prepared statement under its proxy-owned name, shared by every client that prepares
+/// the same SQL with the same parameter types.
+#[derive(Debug)]
+pub struct Statement {
+    pub id: u64,
+    /// The server-side name, `__tessera_<id>`.
+    pub server_name: Bytes,
+    /// A ready-to-send Parse message under the server-side name.
+    pub parse: Bytes,
+    /// What running it does to session settings.
+    pub effects: frontend::settings::Effects,
+}
+
+/// Interns statements by (SQL, parameter types) so equal statements share one server name.
+#[derive(Default)]
+pub struct StatementRegistry {
+    by_text: Mutex<HashMap<Bytes, Arc<Statement>>>,
+    next_id: AtomicU64,
+}
+
+impl StatementRegistry {
+    /// The shared statement for a client's Parse.
+    pub fn intern(&self, parse: &decode::Parse<'_>) -> Arc<Statement> {
+        let mut key = Vec::with_capacity(parse.query.len() + 1 + parse.param_types.len());
+        key.extend_from_slice(parse.query);
+        key.push(0);
+        key.extend_from_slice(parse.param_types);
+        let key = Bytes::from(key);
+        let mut map = self.by_text.lock();
+        if let Some(stmt) = map.get(&key) {
+            return stmt.clone();
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let server_name = Bytes::from(format!("__tessera_{id}"));
+        let mut msg = BytesMut::with_capacity(key.len() + server_name.len() + 8);
+        build::message(&mut msg, b'P', |b| {
+            build::cstr(b, &server_name);
+            b.extend_from_slice(&key);
+        });
+        let effects = frontend::settings::effects(&String::from_utf8_lossy(parse.query));
+        let stmt = Arc::new(Statement {
+            id,
+            server_name,
+            parse: msg.freeze(),
+            effects,
+        });
+        map.insert(key, stmt.clone());
+        stmt
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_text.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+// === accept loop ===
+
+/// A running proxy: its address and the handle that stops it.
+pub struct Handle {
+    pub addr: std::net::SocketAddr,
+    pub shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Handle {
+    /// Stops accepting and waits for client tasks to finish (bounded by the caller).
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// A token that stops the accept loop when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+/// Binds `config.listen` (port 0 picks a free port) and serves in the background.
+///
+/// # Errors
+/// The address cannot be bound.
+pub async fn start(config: Arc<Config>) -> std::io::Result<Handle> {
+    let listener = TcpListener::bind(&config.listen).await?;
+    let addr = listener.local_addr()?;
+    let shared = Arc::new(Shared::new(config));
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    tasks.spawn(accept_loop(
+        listener,
+        shared.clone(),
+        shutdown.clone(),
+        tasks.clone(),
+    ));
+    info!(%addr, "listening");
+    Ok(Handle {
+        addr,
+        shared,
+        shutdown,
+        tasks,
+    })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let limit = Arc::new(Semaphore::new(shared.config.limits.max_clients));
+    let mut next_id: u64 = 0;
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE and friends: one bad accept must not end the loop.
+                warn!(cause = %e, "failed to accept");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        next_id += 1;
+        let span = tracing::info_span!("client", peer = %peer, id = next_id);
+        let shared = shared.clone();
+        let permit = limit.clone().try_acquire_owned().ok();
+        let shutdown = shutdown.clone();
+        tasks.spawn(
+            async move {
+                let _ = stream.set_nodelay(true);
+                match permit {
+                    Some(_permit) => frontend::serve_client(stream, shared, shutdown).await,
+                    None => {
+                        frontend::refuse(stream, "53300", "sorry, too many clients already").await
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
