@@ -14,15 +14,32 @@ pub struct Manager {
     creds: Credentials,
     connect_timeout: Duration,
     /// ParameterStatus values of the first connection, relayed to clients at their startup.
-    params: Arc<Mutex<Option<Vec<(String, String)>>>>,
+    params: ServerParams,
+    health: Arc<Health>,
 }
+
+/// Connect failures, published so waiting checkouts fail at once with the real cause: bb8
+/// opens connections in background tasks and would otherwise only report a timeout.
+struct Health {
+    failures: tokio::sync::watch::Sender<u64>,
+    last_error: Mutex<Option<Error>>,
+}
+
+type ServerParams = Arc<Mutex<Option<Vec<(String, String)>>>>;
 
 impl bb8::ManageConnection for Manager {
     type Connection = ServerConn;
     type Error = Error;
 
     async fn connect(&self) -> Result<ServerConn, Error> {
-        let conn = ServerConn::connect(&self.addr, &self.creds, self.connect_timeout).await?;
+        let conn = match ServerConn::connect(&self.addr, &self.creds, self.connect_timeout).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                *self.health.last_error.lock() = Some(e.clone());
+                self.health.failures.send_modify(|n| *n += 1);
+                return Err(e);
+            }
+        };
         let mut params = self.params.lock();
         if params.is_none() {
             *params = Some(conn.params.clone());
@@ -59,18 +76,24 @@ pub struct Pool {
     addr: String,
     size: u32,
     checkout_timeout: Duration,
-    params: Arc<Mutex<Option<Vec<(String, String)>>>>,
+    params: ServerParams,
+    health: Arc<Health>,
 }
 
 impl Pool {
     /// Builds a pool; connections open lazily (or up to `min_idle` in the background).
     pub fn new(addr: &str, creds: Credentials, cfg: &config::Pool) -> Pool {
         let params = Arc::new(Mutex::new(None));
+        let health = Arc::new(Health {
+            failures: tokio::sync::watch::Sender::new(0),
+            last_error: Mutex::new(None),
+        });
         let manager = Manager {
             addr: addr.to_string(),
             creds,
             connect_timeout: cfg.connect_timeout(),
             params: params.clone(),
+            health: health.clone(),
         };
         let idle_timeout =
             (cfg.idle_timeout_ms > 0).then(|| Duration::from_millis(cfg.idle_timeout_ms));
@@ -80,8 +103,8 @@ impl Pool {
             .connection_timeout(cfg.checkout_timeout())
             .idle_timeout(idle_timeout)
             .max_lifetime(None)
-            // A refused connection fails the checkout at once with its real cause instead of
-            // retrying until the checkout timeout: a dead server fails fast.
+            // A failed connect is reported to the waiting checkout (see `Health`) instead of
+            // being retried until the checkout timeout: a dead server fails fast.
             .retry_connection(false)
             .test_on_check_out(true)
             .build_unchecked(manager);
@@ -91,6 +114,7 @@ impl Pool {
             size: cfg.size,
             checkout_timeout: cfg.checkout_timeout(),
             params,
+            health,
         }
     }
 
@@ -99,8 +123,20 @@ impl Pool {
     /// # Errors
     /// The server is unreachable (`08001`/`08006`) or no connection freed up in time (`53300`).
     pub async fn get(&self) -> Result<PooledConn, Error> {
+        // Failures from now on concern this checkout: a connect attempt it triggered failed.
+        let mut failures = self.health.failures.subscribe();
         // bb8 discards connections that fail `is_valid` and tries the next one by itself.
-        match self.inner.get_owned().await {
+        let got = tokio::select! {
+            got = self.inner.get_owned() => got,
+            Ok(()) = failures.changed() => {
+                let e = self.health.last_error.lock().clone();
+                return Err(e.unwrap_or_else(|| Error::Connect {
+                    addr: self.addr.clone(),
+                    reason: "connection failed".into(),
+                }));
+            }
+        };
+        match got {
             Ok(conn) => Ok(conn),
             Err(bb8::RunError::User(e)) => Err(e),
             Err(bb8::RunError::TimedOut) => Err(Error::PoolTimeout {

@@ -784,8 +784,10 @@ impl Session {
             Kind::Sync => self.ready(),
             _ => {}
         }
-        let held = self.server.as_mut().expect("invariant: held");
-        pop_synthetic(held, &mut self.out);
+        // `ready` may have returned the connection to the pool.
+        if let Some(held) = self.server.as_mut() {
+            pop_synthetic(held, &mut self.out);
+        }
     }
 
     /// After a ReadyForQuery: settle settings and maybe return the connection to the pool.

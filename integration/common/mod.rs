@@ -1,0 +1,146 @@
+//! Test harness: one real local cluster per test binary, and an in-process proxy per test.
+
+#![allow(dead_code)]
+
+use std::process::Output;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tessera::cluster::{ClusterSpec, LocalCluster};
+use tessera::config::Config;
+use tessera::server::{self, Handle};
+
+static CLUSTER: OnceLock<Mutex<Option<LocalCluster>>> = OnceLock::new();
+
+extern "C" fn stop_cluster() {
+    if let Some(lock) = CLUSTER.get() {
+        let cluster = lock
+            .lock()
+            .map(|mut c| c.take())
+            .unwrap_or_else(|e| e.into_inner().take());
+        drop(cluster);
+    }
+}
+
+/// The test binary's cluster (2 shards x primary + 1 replica), started on first use and torn
+/// down when the test binary exits (statics are never dropped, so an atexit hook does it).
+pub fn with_cluster<T>(f: impl FnOnce(&LocalCluster) -> T) -> T {
+    let lock = CLUSTER.get_or_init(|| {
+        let cluster = LocalCluster::start(&ClusterSpec::default()).expect("local cluster starts");
+        // SAFETY: registering a plain extern "C" fn with no captured state.
+        unsafe { libc::atexit(stop_cluster) };
+        Mutex::new(Some(cluster))
+    });
+    let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+    f(guard.as_ref().expect("cluster alive until exit"))
+}
+
+/// The proxy config for the test cluster, listening on a free port.
+pub fn config() -> Config {
+    with_cluster(|c| {
+        let mut config = tessera::run::demo_config(c, 0);
+        config.listen = "127.0.0.1:0".into();
+        config
+    })
+}
+
+/// A proxy running inside the test's runtime.
+pub struct Proxy {
+    pub handle: Handle,
+    pub port: u16,
+}
+
+impl Proxy {
+    pub async fn start(tweak: impl FnOnce(&mut Config)) -> Proxy {
+        let mut config = config();
+        tweak(&mut config);
+        config.validate().expect("test config is valid");
+        let handle = server::start(Arc::new(config)).await.expect("proxy starts");
+        let port = handle.addr.port();
+        Proxy { handle, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://app:app@127.0.0.1:{}/app", self.port)
+    }
+
+    pub fn conninfo(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=app password=app dbname=app",
+            self.port
+        )
+    }
+
+    /// A tokio-postgres client through the proxy.
+    pub async fn connect(&self) -> tokio_postgres::Client {
+        connect(&self.conninfo())
+            .await
+            .expect("connect through proxy")
+    }
+
+    /// Runs psql against the proxy with extra arguments; stdin from `input`.
+    pub fn psql(&self, args: &[&str], input: Option<&str>) -> Output {
+        psql(&self.url(), args, input)
+    }
+}
+
+pub async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// Direct connection (app role) to the first shard's primary.
+pub async fn connect_primary(shard: usize) -> tokio_postgres::Client {
+    let info = with_cluster(|c| c.app_conninfo(&c.shards()[shard].primary));
+    connect(&info).await.expect("direct connection")
+}
+
+/// Superuser connection to a shard's primary.
+pub async fn connect_superuser(shard: usize) -> tokio_postgres::Client {
+    let info = with_cluster(|c| c.superuser_conninfo(&c.shards()[shard].primary));
+    connect(&info).await.expect("superuser connection")
+}
+
+pub fn bin(name: &str) -> std::path::PathBuf {
+    with_cluster(|c| c.bin_dir().join(name))
+}
+
+pub fn psql(url: &str, args: &[&str], input: Option<&str>) -> Output {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new(bin("psql"));
+    cmd.arg(url).arg("-X").args(args);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("psql runs");
+    if let Some(input) = input {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().expect("psql finishes")
+}
+
+pub fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+/// A unique name per call, so tests sharing a cluster do not collide.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub const SHORT: Duration = Duration::from_secs(10);

@@ -1,0 +1,391 @@
+//! The pooled relay against a real cluster: psql, tokio-postgres, prepared statements across
+//! pooled connections, settings replay, COPY, cancel, errors.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Proxy, text, unique};
+use tessera::config::PoolMode;
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn psql_queries_scripts_and_meta_commands() {
+    let proxy = Proxy::start(|_| {}).await;
+    let url = proxy.url();
+    let table = unique("psql_t");
+
+    let out = blocking({
+        let url = url.clone();
+        move || common::psql(&url, &["-A", "-t", "-c", "SELECT 40 + 2"], None)
+    })
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "42");
+
+    // A script with a syntax error in the middle: the error is 42601 and the next statement on
+    // the same connection still runs.
+    let script = format!(
+        "\\set VERBOSITY verbose\nCREATE TABLE {table} (id int);\nSELEC oops;\nINSERT INTO {table} VALUES (7);\nSELECT 'after:' || sum(id) FROM {table};\n\\d {table}\n"
+    );
+    let out = blocking({
+        let url = url.clone();
+        move || common::psql(&url, &["-A", "-t"], Some(&script))
+    })
+    .await;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(
+        stderr.contains("42601"),
+        "syntax error code missing: {stderr}"
+    );
+    assert!(
+        stdout.contains("after:7"),
+        "statement after the error did not run: {stdout}"
+    );
+    assert!(
+        stdout.contains("id|integer"),
+        "\\d output missing: {stdout}"
+    );
+
+    // COPY out and back in.
+    let copy = format!(
+        "CREATE TABLE {table}_c (id int, name text);\n\\copy {table}_c FROM STDIN\n1\tone\n2\ttwo\n3\t\\N\n\\.\nCOPY (SELECT id, name FROM {table}_c ORDER BY id) TO STDOUT WITH CSV;\nCOPY {table}_c FROM STDIN WITH CSV;\n4,four\n\\.\nSELECT count(*) FROM {table}_c;\n"
+    );
+    let out = blocking({
+        let url = url.clone();
+        move || common::psql(&url, &["-A", "-t", "-v", "ON_ERROR_STOP=1"], Some(&copy))
+    })
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("1,one\n2,two\n3,\n"), "{stdout}");
+    assert!(stdout.trim_end().ends_with('4'), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prepared_statements_survive_transaction_pooling() {
+    // Many clients over a tiny pool: every statement lands on connections that never saw it.
+    let proxy = Proxy::start(|c| c.pool.size = 4).await;
+    let table = unique("accounts");
+    let setup = proxy.connect().await;
+    setup
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, balance bigint NOT NULL);
+             INSERT INTO {table} SELECT i, 0 FROM generate_series(1, 20) i;"
+        ))
+        .await
+        .expect("setup");
+
+    let mut tasks = Vec::new();
+    for client_no in 1..=20i32 {
+        let conninfo = proxy.conninfo();
+        let table = table.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = common::connect(&conninfo).await.expect("connect");
+            let read = client
+                .prepare(&format!("SELECT balance FROM {table} WHERE id = $1"))
+                .await
+                .expect("prepare read");
+            let write = client
+                .prepare(&format!(
+                    "UPDATE {table} SET balance = balance + $2 WHERE id = $1"
+                ))
+                .await
+                .expect("prepare write");
+            let mut expected = 0i64;
+            for i in 0..50i64 {
+                if i % 2 == 0 {
+                    client.execute("BEGIN", &[]).await.expect("begin");
+                    let n = client
+                        .execute(&write, &[&client_no, &i])
+                        .await
+                        .expect("update");
+                    assert_eq!(n, 1);
+                    client.execute("COMMIT", &[]).await.expect("commit");
+                    expected += i;
+                } else {
+                    let row = client.query_one(&read, &[&client_no]).await.expect("read");
+                    assert_eq!(
+                        row.get::<_, i64>(0),
+                        expected,
+                        "client {client_no} read a wrong balance"
+                    );
+                }
+            }
+            expected
+        }));
+    }
+    for (i, task) in tasks.into_iter().enumerate() {
+        let expected = task.await.expect("client task");
+        let row = setup
+            .query_one(
+                &format!("SELECT balance FROM {table} WHERE id = $1"),
+                &[&(i as i32 + 1)],
+            )
+            .await
+            .expect("final read");
+        assert_eq!(row.get::<_, i64>(0), expected);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prepared_statement_errors_match_postgres() {
+    let proxy = Proxy::start(|c| c.pool.size = 1).await;
+    let client = proxy.connect().await;
+    // A statement that fails to prepare is not remembered: preparing a good one works after.
+    let err = client
+        .prepare("SELECT * FROM no_such_table_x")
+        .await
+        .expect_err("bad prepare");
+    assert_eq!(err.code().map(|c| c.code()), Some("42P01"));
+    let stmt = client.prepare("SELECT $1::int + 1").await.expect("prepare");
+    let row = client.query_one(&stmt, &[&41i32]).await.expect("query");
+    assert_eq!(row.get::<_, i32>(0), 42);
+    // Dropping a statement closes it for this client only.
+    drop(stmt);
+    let again = client
+        .prepare("SELECT $1::int + 1")
+        .await
+        .expect("prepare again");
+    assert_eq!(
+        client
+            .query_one(&again, &[&1i32])
+            .await
+            .expect("q")
+            .get::<_, i32>(0),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settings_follow_the_client_not_the_connection() {
+    let proxy = Proxy::start(|c| c.pool.size = 1).await;
+    let a = proxy.connect().await;
+    let b = proxy.connect().await;
+    a.batch_execute("SET statement_timeout = '4321ms'; SET application_name = 'client_a'")
+        .await
+        .expect("set");
+    for _ in 0..3 {
+        let row = a
+            .query_one("SHOW statement_timeout", &[])
+            .await
+            .expect("show a");
+        assert_eq!(row.get::<_, String>(0), "4321ms");
+        let row = b
+            .query_one("SHOW statement_timeout", &[])
+            .await
+            .expect("show b");
+        assert_eq!(row.get::<_, String>(0), "0", "a's setting leaked to b");
+    }
+    // A SET rolled back with its transaction is not replayed.
+    a.batch_execute("BEGIN; SET statement_timeout = '1s'; ROLLBACK")
+        .await
+        .expect("rollback");
+    b.query_one("SELECT 1", &[])
+        .await
+        .expect("b uses the connection");
+    let row = a
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .expect("show a");
+    assert_eq!(row.get::<_, String>(0), "4321ms");
+    // RESET goes back to the server default.
+    a.batch_execute("RESET statement_timeout")
+        .await
+        .expect("reset");
+    b.query_one("SELECT 1", &[])
+        .await
+        .expect("b uses the connection");
+    let row = a
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .expect("show a");
+    assert_eq!(row.get::<_, String>(0), "0");
+    let row = a
+        .query_one("SHOW application_name", &[])
+        .await
+        .expect("show");
+    assert_eq!(row.get::<_, String>(0), "client_a");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_and_notices_keep_the_connection_usable() {
+    let proxy = Proxy::start(|c| c.pool.size = 1).await;
+    let client = proxy.connect().await;
+    let err = client
+        .batch_execute("SELECT 1/0")
+        .await
+        .expect_err("division by zero");
+    assert_eq!(err.code().map(|c| c.code()), Some("22012"));
+    client.batch_execute("BEGIN").await.expect("begin");
+    let err = client
+        .query_one("SELECT nope", &[])
+        .await
+        .expect_err("bad column");
+    assert_eq!(err.code().map(|c| c.code()), Some("42703"));
+    let err = client
+        .query_one("SELECT 1", &[])
+        .await
+        .expect_err("aborted transaction");
+    assert_eq!(err.code().map(|c| c.code()), Some("25P02"));
+    client.batch_execute("ROLLBACK").await.expect("rollback");
+    let row = client
+        .query_one("SELECT 5", &[])
+        .await
+        .expect("usable again");
+    assert_eq!(row.get::<_, i32>(0), 5);
+    client
+        .batch_execute("DO $$ BEGIN RAISE NOTICE 'hello from the server'; END $$")
+        .await
+        .expect("notice");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_reaches_the_running_query() {
+    let proxy = Proxy::start(|c| c.pool.size = 2).await;
+    let client = proxy.connect().await;
+    let token = client.cancel_token();
+    let started = Instant::now();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        token
+            .cancel_query(tokio_postgres::NoTls)
+            .await
+            .expect("cancel sent");
+    });
+    let err = client
+        .query_one("SELECT pg_sleep(10)", &[])
+        .await
+        .expect_err("cancelled");
+    canceller.await.expect("canceller");
+    assert_eq!(err.code().map(|c| c.code()), Some("57014"));
+    assert!(
+        started.elapsed() < Duration::from_millis(1300),
+        "took {:?}",
+        started.elapsed()
+    );
+    let row = client
+        .query_one("SELECT 1", &[])
+        .await
+        .expect("usable after cancel");
+    assert_eq!(row.get::<_, i32>(0), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vanished_client_never_leaves_a_dirty_connection() {
+    let proxy = Proxy::start(|c| c.pool.size = 1).await;
+    let table = unique("vanish");
+    let setup = proxy.connect().await;
+    setup
+        .batch_execute(&format!("CREATE TABLE {table} (id int)"))
+        .await
+        .expect("create");
+    drop(setup);
+    {
+        let client = proxy.connect().await;
+        client
+            .batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES (1)"))
+            .await
+            .expect("open transaction");
+        // Dropped mid-transaction.
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let next = proxy.connect().await;
+    let row = next
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .expect("the single pooled connection is usable");
+    // Had the open transaction been handed on, this connection would see its own row.
+    assert_eq!(
+        row.get::<_, i64>(0),
+        0,
+        "uncommitted row visible: the transaction leaked"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_idle_server_connection_is_replaced() {
+    let proxy = Proxy::start(|c| c.pool.size = 1).await;
+    let client = proxy.connect().await;
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    let admin = common::connect_superuser(0).await;
+    let killed: bool = admin
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .expect("terminate")
+        .get(0);
+    assert!(killed);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let row = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("query after kill");
+    assert_ne!(row.get::<_, i32>(0), pid);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn session_pooling_keeps_one_server_connection() {
+    let proxy = Proxy::start(|c| {
+        c.pool.mode = PoolMode::Session;
+        c.pool.size = 2;
+    })
+    .await;
+    let client = proxy.connect().await;
+    client
+        .batch_execute("CREATE TEMP TABLE t (x int); INSERT INTO t VALUES (1)")
+        .await
+        .expect("temp");
+    let first: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    for _ in 0..3 {
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .expect("pid")
+            .get(0);
+        assert_eq!(pid, first);
+    }
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .expect("temp table")
+        .get(0);
+    assert_eq!(n, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_parameters_are_relayed() {
+    let proxy = Proxy::start(|_| {}).await;
+    let out = blocking({
+        let url = proxy.url();
+        move || common::psql(&url, &["-A", "-t", "-c", "SHOW server_version_num"], None)
+    })
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).trim().starts_with("15"),
+        "{}",
+        text(&out.stdout)
+    );
+    // psql prints the server version it got in ParameterStatus in its banner.
+    let out = blocking({
+        let url = proxy.url();
+        move || common::psql(&url, &[], Some("\\echo :SERVER_VERSION_NAME\n"))
+    })
+    .await;
+    assert!(
+        text(&out.stdout).trim().starts_with("15"),
+        "{}",
+        text(&out.stdout)
+    );
+}
