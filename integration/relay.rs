@@ -389,3 +389,94 @@ async fn server_parameters_are_relayed() {
         text(&out.stdout)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn copy_through_the_extended_protocol() {
+    use futures::{SinkExt, TryStreamExt};
+    let proxy = Proxy::start(|c| c.pool.size = 1).await;
+    let client = proxy.connect().await;
+    let table = unique("copy_ext");
+    client
+        .batch_execute(&format!("CREATE TABLE {table} (id int, name text)"))
+        .await
+        .expect("create");
+    let sink = client
+        .copy_in::<_, bytes::Bytes>(&format!("COPY {table} FROM STDIN"))
+        .await
+        .expect("copy in");
+    let mut sink = Box::pin(sink);
+    for i in 0..1000 {
+        sink.send(bytes::Bytes::from(format!("{i}\tname {i}\n"))).await.expect("send row");
+    }
+    let n = sink.as_mut().finish().await.expect("finish");
+    assert_eq!(n, 1000);
+    let stream = client
+        .copy_out(&format!("COPY (SELECT id FROM {table} ORDER BY id) TO STDOUT"))
+        .await
+        .expect("copy out");
+    let chunks: Vec<bytes::Bytes> = stream.try_collect().await.expect("collect");
+    let text: Vec<u8> = chunks.concat();
+    assert_eq!(String::from_utf8_lossy(&text).lines().count(), 1000);
+    // The connection is usable and back in the pool afterwards.
+    let other = proxy.connect().await;
+    let n: i64 = other
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 1000);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_and_unnamed_statements() {
+    let proxy = Proxy::start(|c| c.pool.size = 2).await;
+    let client = proxy.connect().await;
+    // tokio-postgres pipelines concurrent queries on one connection.
+    let stmt = client.prepare("SELECT $1::int * 2").await.expect("prepare");
+    let futures = (0..50i32).map(|i| {
+        let client = &client;
+        let stmt = &stmt;
+        async move { client.query_one(stmt, &[&i]).await.map(|r| r.get::<_, i32>(0)) }
+    });
+    let results = futures::future::join_all(futures).await;
+    for (i, r) in results.into_iter().enumerate() {
+        assert_eq!(r.expect("pipelined query"), i as i32 * 2);
+    }
+    // query_typed uses the unnamed statement: Parse, Bind, Execute in one batch.
+    for i in 0..5i32 {
+        let rows = client
+            .query_typed("SELECT $1::int + 1", &[(&i, tokio_postgres::types::Type::INT4)])
+            .await
+            .expect("query_typed");
+        assert_eq!(rows[0].get::<_, i32>(0), i + 1);
+    }
+    // A multi-statement simple query whose last statement fails: the earlier ones are rolled
+    // back with the implicit transaction, and the session goes on.
+    let err = client
+        .batch_execute("SELECT 1; SELECT 1/0")
+        .await
+        .expect_err("fails");
+    assert_eq!(err.code().map(|c| c.code()), Some("22012"));
+    assert_eq!(client.query_one("SELECT 9", &[]).await.expect("ok").get::<_, i32>(0), 9);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deallocate_and_discard_are_handled() {
+    let proxy = Proxy::start(|c| c.pool.size = 1).await;
+    let url = proxy.url();
+    // psql's \bind / \gexec aside, DEALLOCATE of an SQL-level PREPARE goes to the server.
+    let script = "PREPARE p1 AS SELECT 11;\nEXECUTE p1;\nDEALLOCATE p1;\nDISCARD ALL;\nSELECT 'done';\n";
+    let out = blocking(move || common::psql(&url, &["-A", "-t", "-v", "ON_ERROR_STOP=1"], Some(script))).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("11") && stdout.contains("done"), "{stdout}");
+    // After DISCARD ALL from one client, another client's prepared statements still work
+    // (they are re-prepared on the connection).
+    let client = proxy.connect().await;
+    let stmt = client.prepare("SELECT 21").await.expect("prepare");
+    client.query_one(&stmt, &[]).await.expect("first");
+    client.batch_execute("DISCARD ALL").await.expect("discard");
+    let other = proxy.connect().await;
+    let stmt2 = other.prepare("SELECT 21").await.expect("prepare same text");
+    assert_eq!(other.query_one(&stmt2, &[]).await.expect("after discard").get::<_, i32>(0), 21);
+}
