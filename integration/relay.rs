@@ -406,12 +406,16 @@ async fn copy_through_the_extended_protocol() {
         .expect("copy in");
     let mut sink = Box::pin(sink);
     for i in 0..1000 {
-        sink.send(bytes::Bytes::from(format!("{i}\tname {i}\n"))).await.expect("send row");
+        sink.send(bytes::Bytes::from(format!("{i}\tname {i}\n")))
+            .await
+            .expect("send row");
     }
     let n = sink.as_mut().finish().await.expect("finish");
     assert_eq!(n, 1000);
     let stream = client
-        .copy_out(&format!("COPY (SELECT id FROM {table} ORDER BY id) TO STDOUT"))
+        .copy_out(&format!(
+            "COPY (SELECT id FROM {table} ORDER BY id) TO STDOUT"
+        ))
         .await
         .expect("copy out");
     let chunks: Vec<bytes::Bytes> = stream.try_collect().await.expect("collect");
@@ -436,7 +440,12 @@ async fn pipelined_and_unnamed_statements() {
     let futures = (0..50i32).map(|i| {
         let client = &client;
         let stmt = &stmt;
-        async move { client.query_one(stmt, &[&i]).await.map(|r| r.get::<_, i32>(0)) }
+        async move {
+            client
+                .query_one(stmt, &[&i])
+                .await
+                .map(|r| r.get::<_, i32>(0))
+        }
     });
     let results = futures::future::join_all(futures).await;
     for (i, r) in results.into_iter().enumerate() {
@@ -445,7 +454,10 @@ async fn pipelined_and_unnamed_statements() {
     // query_typed uses the unnamed statement: Parse, Bind, Execute in one batch.
     for i in 0..5i32 {
         let rows = client
-            .query_typed("SELECT $1::int + 1", &[(&i, tokio_postgres::types::Type::INT4)])
+            .query_typed(
+                "SELECT $1::int + 1",
+                &[(&i, tokio_postgres::types::Type::INT4)],
+            )
             .await
             .expect("query_typed");
         assert_eq!(rows[0].get::<_, i32>(0), i + 1);
@@ -457,7 +469,14 @@ async fn pipelined_and_unnamed_statements() {
         .await
         .expect_err("fails");
     assert_eq!(err.code().map(|c| c.code()), Some("22012"));
-    assert_eq!(client.query_one("SELECT 9", &[]).await.expect("ok").get::<_, i32>(0), 9);
+    assert_eq!(
+        client
+            .query_one("SELECT 9", &[])
+            .await
+            .expect("ok")
+            .get::<_, i32>(0),
+        9
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -465,8 +484,11 @@ async fn deallocate_and_discard_are_handled() {
     let proxy = Proxy::start(|c| c.pool.size = 1).await;
     let url = proxy.url();
     // psql's \bind / \gexec aside, DEALLOCATE of an SQL-level PREPARE goes to the server.
-    let script = "PREPARE p1 AS SELECT 11;\nEXECUTE p1;\nDEALLOCATE p1;\nDISCARD ALL;\nSELECT 'done';\n";
-    let out = blocking(move || common::psql(&url, &["-A", "-t", "-v", "ON_ERROR_STOP=1"], Some(script))).await;
+    let script =
+        "PREPARE p1 AS SELECT 11;\nEXECUTE p1;\nDEALLOCATE p1;\nDISCARD ALL;\nSELECT 'done';\n";
+    let out =
+        blocking(move || common::psql(&url, &["-A", "-t", "-v", "ON_ERROR_STOP=1"], Some(script)))
+            .await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("11") && stdout.contains("done"), "{stdout}");
@@ -478,5 +500,12 @@ async fn deallocate_and_discard_are_handled() {
     client.batch_execute("DISCARD ALL").await.expect("discard");
     let other = proxy.connect().await;
     let stmt2 = other.prepare("SELECT 21").await.expect("prepare same text");
-    assert_eq!(other.query_one(&stmt2, &[]).await.expect("after discard").get::<_, i32>(0), 21);
+    assert_eq!(
+        other
+            .query_one(&stmt2, &[])
+            .await
+            .expect("after discard")
+            .get::<_, i32>(0),
+        21
+    );
 }
