@@ -197,8 +197,10 @@ async fn md5_and_cleartext_auth_can_be_selected() {
 #[tokio::test(flavor = "multi_thread")]
 async fn dead_server_fails_fast_and_the_pool_recovers() {
     // This proxy serves the second shard's primary, which this test stops and restarts.
-    let proxy = Proxy::start(|c| {
+    let proxy = Proxy::start_with(common::sharded_config(), |c| {
         c.shards.swap(0, 1);
+        c.shards.truncate(1);
+        c.routing.replica_reads = false;
         c.pool.size = 2;
     })
     .await;

@@ -509,3 +509,22 @@ async fn deallocate_and_discard_are_handled() {
         21
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn transaction_state_is_kept_across_statements() {
+    let proxy = Proxy::start(|c| c.pool.size = 2).await;
+    let table = unique("txstate");
+    let url = proxy.url();
+    let script = format!(
+        "CREATE TABLE {table} (id int);\nBEGIN;\nSELECT txid_current_if_assigned() IS NULL AS fresh;\nTRUNCATE {table};\nSELECT pg_backend_pid() = pg_backend_pid();\nCOPY {table} FROM STDIN WITH (FREEZE);\n1\n\\.\nCOMMIT;\nSELECT count(*) FROM {table};\n"
+    );
+    let out =
+        blocking(move || common::psql(&url, &["-A", "-t", "-v", "ON_ERROR_STOP=1"], Some(&script)))
+            .await;
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}

@@ -54,6 +54,8 @@ pub struct Config {
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
+    pub routing: Routing,
+    #[serde(default)]
     pub sharding: Sharding,
     pub shards: Vec<Shard>,
 }
@@ -183,6 +185,59 @@ impl Default for Limits {
             max_clients: default_max_clients(),
         }
     }
+}
+
+/// How reads are spread over replicas and when a replica is trusted.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Routing {
+    /// Send eligible reads to replicas (false: everything goes to primaries).
+    #[serde(default = "yes")]
+    pub replica_reads: bool,
+    /// How a read picks among healthy replicas.
+    #[serde(default)]
+    pub load_balance: LoadBalance,
+    /// A replica further behind its primary than this leaves the read rotation.
+    #[serde(default = "default_max_replica_lag_ms")]
+    pub max_replica_lag_ms: u64,
+    /// How often every server is probed.
+    #[serde(default = "default_health_check_interval_ms")]
+    pub health_check_interval_ms: u64,
+    /// After a session commits a write on a shard, its reads there go to a replica only once
+    /// that replica has replayed the commit.
+    #[serde(default = "yes")]
+    pub read_your_writes: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_max_replica_lag_ms() -> u64 {
+    5_000
+}
+fn default_health_check_interval_ms() -> u64 {
+    1_000
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Routing {
+            replica_reads: true,
+            load_balance: LoadBalance::default(),
+            max_replica_lag_ms: default_max_replica_lag_ms(),
+            health_check_interval_ms: default_health_check_interval_ms(),
+            read_your_writes: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBalance {
+    #[default]
+    RoundRobin,
+    /// The replica with the fewest statements in flight from this proxy.
+    LeastBusy,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -355,6 +410,12 @@ impl Config {
                 "must be at least 1024 bytes",
             ));
         }
+        if self.routing.health_check_interval_ms == 0 {
+            return Err(invalid(
+                "routing.health_check_interval_ms",
+                "must be positive",
+            ));
+        }
         if self.limits.max_clients == 0 {
             return Err(invalid("limits.max_clients", "must be at least 1"));
         }
@@ -412,6 +473,22 @@ impl Config {
         }
         if self.sharding.strategy == Strategy::Hash && self.sharding.vnodes == 0 {
             return Err(invalid("sharding.vnodes", "must be at least 1"));
+        }
+        match self.sharding.strategy {
+            Strategy::Hash => {
+                let names: Vec<String> = self.shards.iter().map(|s| s.name.clone()).collect();
+                crate::router::hash::Ring::new(&names, self.sharding.vnodes)
+                    .map_err(|e| invalid("sharding.vnodes", e.to_string()))?;
+            }
+            Strategy::Range => {
+                let spans: Vec<(Option<i64>, Option<i64>)> = self
+                    .shards
+                    .iter()
+                    .map(|s| s.range.map_or((None, None), |r| (r.from, r.to)))
+                    .collect();
+                crate::router::range::Ranges::new(&spans)
+                    .map_err(|e| invalid("shards[].range", e))?;
+            }
         }
         for (table, column) in &self.sharding.tables {
             if table.is_empty() || column.is_empty() {

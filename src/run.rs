@@ -145,6 +145,7 @@ pub fn demo_config(cluster: &LocalCluster, port: u16) -> Config {
         },
         pool: config::Pool::default(),
         limits: config::Limits::default(),
+        routing: config::Routing::default(),
         sharding: config::Sharding::default(),
         shards: Vec::new(),
     };

@@ -15,12 +15,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
+use crate::backend::health::Health;
 use crate::backend::{self, CancelKey, Pool};
 use crate::config::{AuthMethod, Config};
 use crate::frontend;
 use crate::frontend::auth::ScramVerifier;
 use crate::protocol::{build, decode};
 use crate::router::Router;
+use crate::router::analyze::Analysis;
 
 /// The servers of one shard.
 pub struct ShardPools {
@@ -40,14 +42,18 @@ pub struct Shared {
     pub config: Arc<Config>,
     pub shards: Vec<ShardPools>,
     pub router: Router,
+    pub health: Arc<Health>,
     pub users: HashMap<String, UserSecret>,
     pub cancels: CancelRegistry,
     pub statements: StatementRegistry,
 }
 
 impl Shared {
-    /// Builds pools (no connection is opened yet) and derives SCRAM verifiers.
-    pub fn new(config: Arc<Config>) -> Shared {
+    /// Builds pools (no connection is opened yet), the router, and SCRAM verifiers.
+    ///
+    /// # Errors
+    /// A map the router cannot place keys with (validated configs never fail here).
+    pub fn new(config: Arc<Config>) -> Result<Shared, String> {
         let creds = backend::Credentials {
             user: config.backend.user.clone(),
             password: config.backend.password.clone(),
@@ -83,14 +89,15 @@ impl Shared {
                 (u.name.clone(), secret)
             })
             .collect();
-        Shared {
+        Ok(Shared {
+            router: Router::new(&config)?,
+            health: Health::new(&config),
             config,
             shards,
-            router: Router::new(),
             users,
             cancels: CancelRegistry::default(),
             statements: StatementRegistry::default(),
-        }
+        })
     }
 }
 
@@ -173,6 +180,31 @@ pub struct Statement {
     pub parse: Bytes,
     /// What running it does to session settings.
     pub effects: frontend::settings::Effects,
+    /// Where it runs (keys stay symbolic as `$n`).
+    pub analysis: Arc<Analysis>,
+    /// Parameter type OIDs: from the Parse, completed by the server's ParameterDescription.
+    pub param_types: Mutex<Vec<u32>>,
+}
+
+impl Statement {
+    /// Records the parameter types a server described (clients often leave them unspecified,
+    /// then send binary values of the types the server inferred).
+    pub fn learn_param_types(&self, described: &[u32]) {
+        let mut types = self.param_types.lock();
+        if types.len() < described.len() || types.contains(&0) {
+            *types = described.to_vec();
+        }
+    }
+}
+
+/// The parameter type OIDs of a Parse message body section (`i16` count, then OIDs).
+pub fn parse_param_types(section: &[u8]) -> Vec<u32> {
+    section
+        .get(2..)
+        .unwrap_or_default()
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// Interns statements by (SQL, parameter types) so equal statements share one server name.
@@ -184,7 +216,7 @@ pub struct StatementRegistry {
 
 impl StatementRegistry {
     /// The shared statement for a client's Parse.
-    pub fn intern(&self, parse: &decode::Parse<'_>) -> Arc<Statement> {
+    pub fn intern(&self, parse: &decode::Parse<'_>, router: &Router) -> Arc<Statement> {
         let mut key = Vec::with_capacity(parse.query.len() + 1 + parse.param_types.len());
         key.extend_from_slice(parse.query);
         key.push(0);
@@ -201,12 +233,15 @@ impl StatementRegistry {
             build::cstr(b, &server_name);
             b.extend_from_slice(&key);
         });
-        let effects = frontend::settings::effects(&String::from_utf8_lossy(parse.query));
+        let sql = String::from_utf8_lossy(parse.query);
+        let effects = frontend::settings::effects(&sql);
         let stmt = Arc::new(Statement {
             id,
             server_name,
             parse: msg.freeze(),
             effects,
+            analysis: router.analyze(&sql),
+            param_types: Mutex::new(parse_param_types(parse.param_types)),
         });
         map.insert(key, stmt.clone());
         stmt
@@ -252,8 +287,9 @@ impl Handle {
 pub async fn start(config: Arc<Config>) -> std::io::Result<Handle> {
     let listener = TcpListener::bind(&config.listen).await?;
     let addr = listener.local_addr()?;
-    let shared = Arc::new(Shared::new(config));
+    let shared = Arc::new(Shared::new(config.clone()).map_err(std::io::Error::other)?);
     let shutdown = CancellationToken::new();
+    shared.health.spawn(config, shutdown.clone());
     let tasks = TaskTracker::new();
     tasks.spawn(accept_loop(
         listener,

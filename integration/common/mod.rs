@@ -35,13 +35,22 @@ pub fn with_cluster<T>(f: impl FnOnce(&LocalCluster) -> T) -> T {
     f(guard.as_ref().expect("cluster alive until exit"))
 }
 
-/// The proxy config for the test cluster, listening on a free port.
-pub fn config() -> Config {
+/// The proxy config for the whole test cluster (2 shards, replicas), on a free port.
+pub fn sharded_config() -> Config {
     with_cluster(|c| {
         let mut config = tessera::run::demo_config(c, 0);
         config.listen = "127.0.0.1:0".into();
         config
     })
+}
+
+/// A single-shard config (the first shard's primary only, replica reads off): plain pooling,
+/// where every statement behaves exactly as on one Postgres.
+pub fn config() -> Config {
+    let mut config = sharded_config();
+    config.shards.truncate(1);
+    config.routing.replica_reads = false;
+    config
 }
 
 /// A proxy running inside the test's runtime.
@@ -51,8 +60,24 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// A single-shard proxy (see [`config`]), adjusted by `tweak`.
     pub async fn start(tweak: impl FnOnce(&mut Config)) -> Proxy {
-        let mut config = config();
+        Proxy::start_with(config(), tweak).await
+    }
+
+    /// A proxy over the whole sharded cluster, adjusted by `tweak`.
+    pub async fn start_sharded(tweak: impl FnOnce(&mut Config)) -> Proxy {
+        Proxy::start_with(sharded_config(), tweak).await
+    }
+
+    pub async fn start_with(mut config: Config, tweak: impl FnOnce(&mut Config)) -> Proxy {
+        // TESSERA_LOG=debug shows the proxy's logs in test output.
+        if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("TESSERA_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         tweak(&mut config);
         config.validate().expect("test config is valid");
         let handle = server::start(Arc::new(config)).await.expect("proxy starts");

@@ -1,6 +1,7 @@
 //! The server side: one Postgres connection ([`conn`]) and the bb8 pools of them ([`pool`]).
 
 pub mod conn;
+pub mod health;
 pub mod pool;
 
 pub use conn::{CancelKey, Credentials, ServerConn};

@@ -1,14 +1,21 @@
-//! The relay: one logged-in client, the server connection it holds (if any), and the
-//! bookkeeping that makes transaction pooling invisible to the client.
+//! The relay: one logged-in client, the server connections it holds, and the bookkeeping that
+//! makes transaction pooling and sharding invisible to the client.
 //!
-//! Every message sent to a server pushes an [`Expect`] entry; every server reply is matched
-//! against the head of that queue. This is what lets the proxy inject messages the client did
-//! not send (a Parse for a statement the client prepared on another server connection, the
-//! replay of its SET commands) and swallow their replies, and answer some messages itself
-//! (ParseComplete for a statement the server already has, CloseComplete) in the right order.
-//! A reply that does not fit the queue is a desync: the server connection is discarded.
+//! Every message sent to a server pushes an [`Expect`] entry on that connection's queue; every
+//! server reply is matched against the head of that queue. This is what lets the proxy inject
+//! messages the client did not send (a Parse for a statement the client prepared on another
+//! connection, the replay of its SET commands, a deferred BEGIN) and swallow their replies, and
+//! answer some messages itself (ParseComplete for a statement the server already has,
+//! CloseComplete) in the right order. A reply that fits no entry is a desync: the server
+//! connection is discarded.
+//!
+//! At most one connection has replies pending while the relay loop runs, so replies reach the
+//! client in request order: switching to another connection first drains the current one. A
+//! statement on several shards ([`Fanout::Scatter`], [`Fanout::Broadcast`]) is sent to every
+//! target, then their replies are drained one connection after the other through a [`Merge`]
+//! filter: one RowDescription, every DataRow, summed CommandComplete counts, one ReadyForQuery.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,10 +27,13 @@ use tracing::{debug, warn};
 
 use super::Login;
 use super::settings::{Change, Settings};
+use crate::backend::health::InFlight;
 use crate::backend::{self, PooledConn};
 use crate::config::PoolMode;
 use crate::protocol::{self, Frame, FrameReader, TxStatus, build, decode, tag};
-use crate::router::lex;
+use crate::router::analyze::{Analysis, TxCommand};
+use crate::router::params::Params;
+use crate::router::{self, Fanout, Plan, lex};
 use crate::server::{Shared, Statement};
 
 /// What a reply from the server answers.
@@ -35,7 +45,10 @@ enum Kind {
         client: Option<Bytes>,
     },
     Bind,
-    Describe,
+    /// `stmt`: the statement described, to learn its parameter types.
+    Describe {
+        stmt: Option<Arc<Statement>>,
+    },
     Execute {
         changes: Vec<Change>,
     },
@@ -45,6 +58,8 @@ enum Kind {
     Query {
         changes: Vec<Change>,
     },
+    /// The injected `SELECT pg_current_wal_insert_lsn()` after a write (read your writes).
+    Lsn,
 }
 
 #[derive(Debug)]
@@ -55,8 +70,22 @@ enum Expect {
     Synthetic(Bytes),
 }
 
+/// Which server of which shard: `server` 0 is the primary, `i + 1` replica `i`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ConnKey {
+    shard: usize,
+    server: usize,
+}
+
+impl ConnKey {
+    fn primary(shard: usize) -> ConnKey {
+        ConnKey { shard, server: 0 }
+    }
+}
+
 /// A server connection checked out by this client.
 struct Held {
+    key: ConnKey,
     conn: PooledConn,
     expect: VecDeque<Expect>,
     /// The client's unnamed statement exists on this connection.
@@ -67,6 +96,43 @@ struct Held {
     query_failed: bool,
     /// Tag of the last CommandComplete (to tell COMMIT from ROLLBACK).
     last_tag: String,
+    /// A write ran here since the last ReadyForQuery idle (read your writes).
+    wrote: bool,
+    /// The session's transaction has been opened on this connection.
+    begun: bool,
+    /// Counts this connection's statements for least-busy replica balancing.
+    _in_flight: Option<InFlight>,
+}
+
+/// A transaction the client opened. BEGIN is deferred: it is sent to each shard's connection
+/// just before the first statement that needs that shard.
+#[derive(Debug)]
+struct Tx {
+    /// The client's BEGIN message, replayed on each connection the transaction adds.
+    begin: Bytes,
+    read_only: bool,
+    /// An error the proxy raised aborted it: only ROLLBACK is accepted now.
+    failed: bool,
+    written: BTreeSet<usize>,
+}
+
+/// Filters the replies of a statement run on several connections into one reply.
+#[derive(Debug, Default)]
+struct Merge {
+    /// The connection being drained is the first one: its descriptions are the client's.
+    first: bool,
+    /// Broadcast: only the first connection's rows and counts count.
+    broadcast: bool,
+    tags: Vec<String>,
+    error: bool,
+}
+
+/// The client's unnamed prepared statement.
+struct Unnamed {
+    parse: Bytes,
+    analysis: Arc<Analysis>,
+    types: Vec<u32>,
+    changes: Vec<Change>,
 }
 
 /// One client's session after login.
@@ -75,27 +141,37 @@ pub struct Session {
     client: FrameReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     out: BytesMut,
-    server: Option<Held>,
+    conns: Vec<Held>,
     batch: Vec<Frame>,
     statements: HashMap<Bytes, Arc<Statement>>,
-    unnamed: Option<Bytes>,
-    unnamed_changes: Vec<Change>,
+    unnamed: Option<Unnamed>,
     portal_changes: Vec<Change>,
     settings: Settings,
     tx_changes: Vec<Change>,
+    tx: Option<Tx>,
     status: TxStatus,
     mode: PoolMode,
     pid: i32,
     skip_until_sync: bool,
+    merge: Option<Merge>,
+    /// Read your writes: the WAL position of this session's last write per shard.
+    ryw: HashMap<usize, u64>,
+    /// Server errors relayed so far (to notice one while draining mid-batch).
+    errors: u64,
 }
 
-/// Why the session ended early.
+/// Why the session ended.
 #[derive(Debug)]
 enum End {
     /// The client left (Terminate, EOF, I/O error): nothing more to say.
     ClientGone,
     /// The client was sent a FATAL error.
     Fatal,
+}
+
+enum Event {
+    Client(Result<Frame, protocol::Error>),
+    Server(Result<Frame, protocol::Error>),
 }
 
 impl Session {
@@ -111,18 +187,21 @@ impl Session {
             client,
             writer,
             out: BytesMut::with_capacity(8 * 1024),
-            server: None,
+            conns: Vec::new(),
             batch: Vec::new(),
             statements: HashMap::new(),
             unnamed: None,
-            unnamed_changes: Vec::new(),
             portal_changes: Vec::new(),
             settings: login.settings,
             tx_changes: Vec::new(),
+            tx: None,
             status: TxStatus::Idle,
             mode,
             pid: login.pid,
             skip_until_sync: false,
+            merge: None,
+            ryw: HashMap::new(),
+            errors: 0,
         }
     }
 
@@ -134,22 +213,27 @@ impl Session {
         self.release_on_exit().await;
     }
 
+    fn pending(&self) -> Option<usize> {
+        self.conns.iter().position(|h| !h.expect.is_empty())
+    }
+
     async fn relay(&mut self, shutdown: CancellationToken) -> End {
         loop {
+            let active = self.pending();
             // Batch writes to the client: flush only when no further server reply is buffered.
-            let more_buffered = self
-                .server
-                .as_ref()
-                .is_some_and(|h| h.conn.reader.has_frame());
+            let more_buffered = active.is_some_and(|i| self.conns[i].conn.reader.has_frame());
             if !self.out.is_empty() && !more_buffered && self.flush_client().await.is_err() {
                 return End::ClientGone;
             }
-            let event = match &mut self.server {
-                Some(held) => tokio::select! {
-                    biased;
-                    r = held.conn.reader.next() => Event::Server(r),
-                    r = self.client.next() => Event::Client(r),
-                },
+            let event = match active {
+                Some(i) => {
+                    let held = &mut self.conns[i];
+                    tokio::select! {
+                        biased;
+                        r = held.conn.reader.next() => Event::Server(r),
+                        r = self.client.next() => Event::Client(r),
+                    }
+                }
                 None => tokio::select! {
                     r = self.client.next() => Event::Client(r),
                     _ = shutdown.cancelled() => {
@@ -161,19 +245,22 @@ impl Session {
             let step = match event {
                 Event::Client(Ok(frame)) => self.on_client(frame).await,
                 Event::Client(Err(e)) => Err(self.client_error(e)),
-                Event::Server(Ok(frame)) => self.on_server(frame),
+                Event::Server(Ok(frame)) => {
+                    let i =
+                        active.expect("invariant: server events come from the active connection");
+                    self.on_server(i, frame)
+                }
                 Event::Server(Err(e)) => {
-                    let addr = self
-                        .server
-                        .as_ref()
-                        .map(|h| h.conn.addr.clone())
-                        .unwrap_or_default();
-                    Err(self.server_lost(backend::Error::protocol(&addr, e)))
+                    let i =
+                        active.expect("invariant: server events come from the active connection");
+                    let addr = self.conns[i].conn.addr.clone();
+                    Err(self.server_lost(i, backend::Error::protocol(&addr, e)))
                 }
             };
             if let Err(end) = step {
                 return end;
             }
+            self.release_idle();
         }
     }
 
@@ -207,10 +294,10 @@ impl Session {
         }
     }
 
-    /// The server connection died or broke protocol: the client's session cannot continue
-    /// (its transaction state is gone), so it gets a FATAL error, as if Postgres had crashed.
-    fn server_lost(&mut self, e: backend::Error) -> End {
-        if let Some(held) = self.server.as_mut() {
+    /// A server connection died or broke protocol: the client's session cannot continue (its
+    /// transaction state is gone), so it gets a FATAL error, as if Postgres had crashed.
+    fn server_lost(&mut self, i: usize, e: backend::Error) -> End {
+        if let Some(held) = self.conns.get_mut(i) {
             held.conn.broken = true;
         }
         warn!(cause = %e, "server connection lost");
@@ -218,16 +305,24 @@ impl Session {
         End::Fatal
     }
 
-    fn desync(&mut self, what: &str) -> End {
-        let addr = self
-            .server
-            .as_ref()
-            .map(|h| h.conn.addr.clone())
-            .unwrap_or_default();
-        self.server_lost(backend::Error::Protocol {
-            addr,
-            reason: format!("unexpected {what}: protocol desynchronized"),
-        })
+    fn desync(&mut self, i: usize, what: &str) -> End {
+        let addr = self.conns[i].conn.addr.clone();
+        self.server_lost(
+            i,
+            backend::Error::Protocol {
+                addr,
+                reason: format!("unexpected {what}: protocol desynchronized"),
+            },
+        )
+    }
+
+    /// The status the client should see now.
+    fn client_status(&self) -> TxStatus {
+        match &self.tx {
+            Some(tx) if tx.failed => TxStatus::Failed,
+            Some(_) => TxStatus::InTransaction,
+            None => self.status,
+        }
     }
 
     // === client messages ===
@@ -252,21 +347,23 @@ impl Session {
             }
             tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
                 // Outside COPY mode Postgres ignores these; so do we.
-                if let Some(held) = self.server.as_mut() {
+                if let Some(i) = self.conns.iter().position(|h| h.copy_in) {
                     if frame.tag() != tag::COPY_DATA {
-                        held.copy_in = false;
+                        self.conns[i].copy_in = false;
                     }
-                    if let Err(e) = held.conn.send(frame.bytes()).await {
-                        return Err(self.server_lost(e));
+                    if let Err(e) = self.conns[i].conn.send(frame.bytes()).await {
+                        return Err(self.server_lost(i, e));
                     }
                 }
                 Ok(())
             }
             tag::FUNCTION_CALL => {
-                if let Err(e) = self.acquire().await {
-                    return self.refuse_request(&e);
-                }
-                self.send_request(
+                let i = match self.pin(ConnKey::primary(0)).await {
+                    Ok(i) => i,
+                    Err(e) => return self.refuse_request(&e),
+                };
+                self.send(
+                    i,
                     frame.bytes().clone(),
                     Kind::Query {
                         changes: Vec::new(),
@@ -276,7 +373,7 @@ impl Session {
             }
             tag::TERMINATE => Err(End::ClientGone),
             other => {
-                let msg = format!("invalid frontend message type {}", other);
+                let msg = format!("invalid frontend message type {other}");
                 super::fatal_error(&mut self.out, "08P01", &msg);
                 Err(End::Fatal)
             }
@@ -285,37 +382,276 @@ impl Session {
 
     async fn on_query(&mut self, frame: Frame) -> Result<(), End> {
         let sql = match decode::query(frame.body()) {
-            Ok(sql) => String::from_utf8_lossy(sql),
+            Ok(sql) => String::from_utf8_lossy(sql).into_owned(),
             Err(e) => return Err(self.client_error(e)),
         };
         let effects = super::settings::effects(&sql);
-        if effects.drops_prepared {
+        if effects.drops_prepared
+            && let Some(reply) = self.deallocate(&sql)
+        {
             // DEALLOCATE of a statement prepared through the protocol is answered here: the
             // server-side statement belongs to the proxy and other clients may share it.
-            if let Some(reply) = self.deallocate(&sql) {
-                return self.reply_locally(reply);
+            return self.reply_locally(reply);
+        }
+        let analysis = self.shared.router.analyze(&sql);
+        let plan = match self.shared.router.plan(&analysis, &Params::none()) {
+            Ok(plan) => plan,
+            Err(e) => return self.refuse_statement(&e),
+        };
+        if let Some(cmd) = plan.tx {
+            return self.on_tx_command(frame, cmd, &sql).await;
+        }
+        if self.tx.as_ref().is_some_and(|tx| tx.failed) {
+            return self.aborted();
+        }
+        match plan.fanout.clone() {
+            Fanout::One(shard) => {
+                if let Err(e) = self.note_write(&plan, &[shard.0]) {
+                    return self.refuse_statement(&e);
+                }
+                let key = self.choose(shard.0, &plan);
+                let i = match self.pin(key).await {
+                    Ok(i) => i,
+                    Err(e) => return self.refuse_request(&e),
+                };
+                let held = &mut self.conns[i];
+                if effects.drops_prepared {
+                    held.conn.prepared.clear();
+                    if effects.changes.contains(&Change::ResetAll) {
+                        // DISCARD ALL drops the client's statements too, as on Postgres.
+                        self.statements.clear();
+                        self.unnamed = None;
+                    }
+                }
+                let held = &mut self.conns[i];
+                held.unnamed_ready = false;
+                held.wrote |= plan.writes;
+                self.send(
+                    i,
+                    frame.into_bytes(),
+                    Kind::Query {
+                        changes: effects.changes,
+                    },
+                )
+                .await
+            }
+            Fanout::Scatter(_) if lex::statements(&sql).len() > 1 => self.refuse_statement(
+                &router::Error::Unsupported("a multi-statement query on several shards".into()),
+            ),
+            fanout => {
+                let shards = self.fanout_shards(&fanout);
+                if let Err(e) = self.note_write(&plan, &shards) {
+                    return self.refuse_statement(&e);
+                }
+                let broadcast = matches!(fanout, Fanout::Broadcast);
+                let bytes = frame.into_bytes();
+                self.scatter(&shards, &plan, broadcast, |_, _, wire| {
+                    wire.extend_from_slice(&bytes);
+                    Ok(vec![Kind::Query {
+                        changes: Vec::new(),
+                    }])
+                })
+                .await
             }
         }
-        if let Err(e) = self.acquire().await {
-            return self.refuse_request(&e);
+    }
+
+    fn fanout_shards(&self, fanout: &Fanout) -> Vec<usize> {
+        match fanout {
+            Fanout::One(s) => vec![s.0],
+            Fanout::Scatter(list) => list.iter().map(|s| s.0).collect(),
+            Fanout::Broadcast => (0..self.shared.shards.len()).collect(),
         }
-        let held = self.server.as_mut().expect("invariant: acquired above");
-        if effects.drops_prepared {
-            held.conn.prepared.clear();
-            if effects.changes.contains(&Change::ResetAll) {
-                // DISCARD ALL drops the client's statements too, as it would on Postgres.
-                self.statements.clear();
-                self.unnamed = None;
-            }
+    }
+
+    /// Tracks which shards a transaction writes to: one is fine; several need two-phase
+    /// commit, which is not available yet.
+    fn note_write(&mut self, plan: &Plan, shards: &[usize]) -> Result<(), router::Error> {
+        if !plan.writes {
+            return Ok(());
         }
-        held.unnamed_ready = false;
-        self.send_request(
-            frame.into_bytes(),
-            Kind::Query {
-                changes: effects.changes,
+        let Some(tx) = self.tx.as_mut() else {
+            return Ok(());
+        };
+        let mut written = tx.written.clone();
+        written.extend(shards.iter().copied());
+        if written.len() > 1 {
+            return Err(router::Error::Unsupported(
+                "a transaction that writes to more than one shard (two-phase commit is not available yet)".into(),
+            ));
+        }
+        tx.written = written;
+        Ok(())
+    }
+
+    /// Which server of `shard` runs a statement with this plan.
+    fn choose(&self, shard: usize, plan: &Plan) -> ConnKey {
+        // A transaction keeps the connection it already has on this shard.
+        if self.tx.is_some()
+            && let Some(held) = self.conns.iter().find(|h| h.key.shard == shard)
+        {
+            return held.key;
+        }
+        let routing = &self.shared.config.routing;
+        let replica_wanted = routing.replica_reads
+            && plan.replica_ok
+            && match &self.tx {
+                Some(tx) => tx.read_only,
+                None => true,
+            };
+        if !replica_wanted || self.shared.shards[shard].replicas.is_empty() {
+            return ConnKey::primary(shard);
+        }
+        if self.tx.is_none()
+            && let Some(held) = self.conns.iter().find(|h| h.key.shard == shard)
+        {
+            // Session pooling (or a connection still finishing up): keep using it.
+            return held.key;
+        }
+        let min_lsn = if routing.read_your_writes {
+            self.ryw.get(&shard).copied()
+        } else {
+            None
+        };
+        match self
+            .shared
+            .health
+            .shard(shard)
+            .pick_replica(routing.load_balance, min_lsn)
+        {
+            Some(r) => ConnKey {
+                shard,
+                server: r + 1,
             },
-        )
-        .await
+            None => ConnKey::primary(shard),
+        }
+    }
+
+    /// Transaction control: BEGIN is answered here and deferred; COMMIT and ROLLBACK go to
+    /// every connection the transaction holds.
+    async fn on_tx_command(&mut self, frame: Frame, cmd: TxCommand, sql: &str) -> Result<(), End> {
+        match cmd {
+            TxCommand::Begin { read_only } => {
+                if self.tx.is_some() || !self.conns.iter().all(|h| h.conn.status == TxStatus::Idle)
+                {
+                    // Already in a transaction: Postgres warns and carries on.
+                    build::error_response(
+                        &mut self.out,
+                        build::Severity::Notice,
+                        "25001",
+                        "there is already a transaction in progress",
+                    );
+                    return self.reply_locally("BEGIN");
+                }
+                self.tx = Some(Tx {
+                    begin: frame.into_bytes(),
+                    read_only,
+                    failed: false,
+                    written: BTreeSet::new(),
+                });
+                self.reply_locally("BEGIN")
+            }
+            TxCommand::Commit | TxCommand::Rollback => {
+                let failed = self.tx.as_ref().is_some_and(|tx| tx.failed);
+                let held: Vec<usize> = (0..self.conns.len()).collect();
+                match held.as_slice() {
+                    [] => {
+                        let was_open = self.tx.take().is_some();
+                        if !was_open {
+                            let msg = "there is no transaction in progress";
+                            build::error_response(
+                                &mut self.out,
+                                build::Severity::Notice,
+                                "25P01",
+                                msg,
+                            );
+                        }
+                        let tag = if cmd == TxCommand::Commit && !failed {
+                            "COMMIT"
+                        } else {
+                            "ROLLBACK"
+                        };
+                        self.reply_locally(tag)
+                    }
+                    [one] if !failed => {
+                        let i = *one;
+                        self.tx = None;
+                        self.send(
+                            i,
+                            frame.into_bytes(),
+                            Kind::Query {
+                                changes: Vec::new(),
+                            },
+                        )
+                        .await
+                    }
+                    _ => {
+                        // Several shards (or an aborted transaction): end it on each, one reply.
+                        let mut msg = BytesMut::new();
+                        let word = if cmd == TxCommand::Commit && !failed {
+                            "COMMIT"
+                        } else {
+                            "ROLLBACK"
+                        };
+                        build::query(&mut msg, word);
+                        let msg = msg.freeze();
+                        let shards: Vec<usize> = self.conns.iter().map(|h| h.key.shard).collect();
+                        let keys: Vec<ConnKey> = self.conns.iter().map(|h| h.key).collect();
+                        self.tx = None;
+                        let _ = sql;
+                        self.scatter_on(&keys, &shards, true, |_, _, wire| {
+                            wire.extend_from_slice(&msg);
+                            Ok(vec![Kind::Query {
+                                changes: Vec::new(),
+                            }])
+                        })
+                        .await
+                    }
+                }
+            }
+            TxCommand::Savepoint => {
+                if self.tx.as_ref().is_some_and(|tx| tx.failed)
+                    && !sql.to_ascii_lowercase().contains("rollback")
+                {
+                    return self.aborted();
+                }
+                let key = match self.conns.as_slice() {
+                    [] => ConnKey::primary(0),
+                    [one] => one.key,
+                    _ => {
+                        return self.refuse_statement(&router::Error::Unsupported(
+                            "a savepoint in a transaction that spans shards".into(),
+                        ));
+                    }
+                };
+                let i = match self.pin(key).await {
+                    Ok(i) => i,
+                    Err(e) => return self.refuse_request(&e),
+                };
+                self.send(
+                    i,
+                    frame.into_bytes(),
+                    Kind::Query {
+                        changes: Vec::new(),
+                    },
+                )
+                .await
+            }
+            TxCommand::TwoPhase => self.refuse_statement(&router::Error::Unsupported(
+                "PREPARE TRANSACTION / COMMIT PREPARED through the proxy".into(),
+            )),
+        }
+    }
+
+    /// Inside a transaction the proxy aborted: everything but ROLLBACK fails, as on Postgres.
+    fn aborted(&mut self) -> Result<(), End> {
+        super::error(
+            &mut self.out,
+            "25P02",
+            "current transaction is aborted, commands ignored until end of transaction block",
+        );
+        build::ready_for_query(&mut self.out, TxStatus::Failed);
+        Ok(())
     }
 
     /// Answers `DEALLOCATE name|ALL` for protocol-level statements without a server.
@@ -356,9 +692,9 @@ impl Session {
     fn reply_locally(&mut self, command: &str) -> Result<(), End> {
         let mut msg = BytesMut::new();
         build::command_complete(&mut msg, command);
-        match self.server.as_mut() {
-            Some(held) if !held.expect.is_empty() => {
-                // Its status is whatever the pending requests leave: claim it when they end.
+        match self.pending() {
+            Some(i) => {
+                let held = &mut self.conns[i];
                 held.expect.push_back(Expect::Synthetic(msg.freeze()));
                 // The requests still pending end in a ReadyForQuery the client sees first;
                 // repeating the last known status is the closest approximation.
@@ -366,56 +702,126 @@ impl Session {
                 build::ready_for_query(&mut rfq, held.conn.status);
                 held.expect.push_back(Expect::Synthetic(rfq.freeze()));
             }
-            _ => {
+            None => {
                 self.out.extend_from_slice(&msg);
-                build::ready_for_query(&mut self.out, self.status);
+                let status = self.client_status();
+                build::ready_for_query(&mut self.out, status);
             }
         }
         Ok(())
     }
 
-    /// No server for a simple Query: the client gets the error and stays connected, as it
-    /// would if Postgres had refused the statement.
+    /// No server connection for a simple Query: the client gets the error and stays connected.
     fn refuse_request(&mut self, e: &backend::Error) -> Result<(), End> {
         super::error(&mut self.out, e.sqlstate(), &e.to_string());
-        build::ready_for_query(&mut self.out, self.status);
+        if let Some(tx) = self.tx.as_mut() {
+            tx.failed = true;
+        }
+        let status = self.client_status();
+        build::ready_for_query(&mut self.out, status);
         Ok(())
     }
 
-    async fn send_request(&mut self, bytes: Bytes, kind: Kind) -> Result<(), End> {
-        let held = self
-            .server
-            .as_mut()
-            .expect("invariant: caller acquired a server");
+    /// A statement the router refused: an error, and inside a transaction the transaction is
+    /// aborted (as Postgres would abort it on any error).
+    fn refuse_statement(&mut self, e: &router::Error) -> Result<(), End> {
+        debug!(cause = %e, "statement refused");
+        super::error(&mut self.out, e.sqlstate(), &e.to_string());
+        if let Some(tx) = self.tx.as_mut() {
+            tx.failed = true;
+        }
+        let status = self.client_status();
+        build::ready_for_query(&mut self.out, status);
+        Ok(())
+    }
+
+    async fn send(&mut self, i: usize, bytes: Bytes, kind: Kind) -> Result<(), End> {
+        let held = &mut self.conns[i];
+        tracing::trace!(conn = ?held.key, pid = held.conn.key.pid, ?kind, "send");
         held.expect.push_back(Expect::Reply {
             kind,
             forward: true,
         });
         if let Err(e) = held.conn.send(&bytes).await {
-            return Err(self.server_lost(e));
+            return Err(self.server_lost(i, e));
         }
         Ok(())
     }
 
-    /// Makes sure a server connection is held, replaying session settings on it.
-    async fn acquire(&mut self) -> Result<(), backend::Error> {
-        if self.server.is_some() {
-            return Ok(());
+    /// Finishes every reply pending on connection `i`.
+    async fn drain(&mut self, i: usize) -> Result<(), End> {
+        while !self.conns[i].expect.is_empty() {
+            match self.conns[i].conn.reader.next().await {
+                Ok(frame) => self.on_server(i, frame)?,
+                Err(e) => {
+                    let addr = self.conns[i].conn.addr.clone();
+                    return Err(self.server_lost(i, backend::Error::protocol(&addr, e)));
+                }
+            }
+            // Keep client writes flowing for long results.
+            if self.out.len() > 64 * 1024 && self.flush_client().await.is_err() {
+                return Err(End::ClientGone);
+            }
         }
-        let plan = self.shared.router.plan(b"");
-        let pool = &self.shared.shards[plan.shard.0].primary;
+        Ok(())
+    }
+
+    /// Makes sure connection `key` is held and nothing else has replies pending; returns its
+    /// index. A new connection gets the session's settings and, inside a transaction, its BEGIN.
+    async fn pin(&mut self, key: ConnKey) -> Result<usize, backend::Error> {
+        if let Some(i) = self.pending()
+            && self.conns[i].key != key
+            && self.drain(i).await.is_err()
+        {
+            return Err(backend::Error::Io {
+                addr: String::new(),
+                reason: "lost a server connection".into(),
+            });
+        }
+        if let Some(i) = self.conns.iter().position(|h| h.key == key) {
+            let held = &mut self.conns[i];
+            if let Some(tx) = &self.tx
+                && !held.begun
+            {
+                // Held from before the transaction began (a write's WAL-position probe still
+                // running, or session pooling): the transaction starts here now.
+                held.begun = true;
+                held.expect.push_back(Expect::Reply {
+                    kind: Kind::Query {
+                        changes: Vec::new(),
+                    },
+                    forward: false,
+                });
+                held.conn.send(&tx.begin).await?;
+            }
+            return Ok(i);
+        }
+        let shard = &self.shared.shards[key.shard];
+        let (pool, state) = if key.server == 0 {
+            (
+                &shard.primary,
+                self.shared.health.shard(key.shard).primary.clone(),
+            )
+        } else {
+            (
+                &shard.replicas[key.server - 1],
+                self.shared.health.shard(key.shard).replicas[key.server - 1].clone(),
+            )
+        };
         let mut conn = pool
             .get()
             .await
             .inspect_err(|e| warn!(cause = %e, "no server connection"))?;
-        self.shared
-            .cancels
-            .set_target(self.pid, Some(conn.key.clone()));
+        if self.conns.is_empty() {
+            self.shared
+                .cancels
+                .set_target(self.pid, Some(conn.key.clone()));
+        }
         let mut expect = VecDeque::new();
+        let mut wire = BytesMut::new();
         let fingerprint = self.settings.fingerprint();
         if conn.settings != fingerprint {
-            let mut replay = BytesMut::new();
-            build::query(&mut replay, &self.settings.replay_sql());
+            build::query(&mut wire, &self.settings.replay_sql());
             conn.settings = fingerprint;
             expect.push_back(Expect::Reply {
                 kind: Kind::Query {
@@ -423,67 +829,361 @@ impl Session {
                 },
                 forward: false,
             });
-            if let Err(e) = conn.send(&replay).await {
-                self.shared.cancels.set_target(self.pid, None);
-                return Err(e);
-            }
         }
-        self.server = Some(Held {
+        if let Some(tx) = &self.tx {
+            wire.extend_from_slice(&tx.begin);
+            expect.push_back(Expect::Reply {
+                kind: Kind::Query {
+                    changes: Vec::new(),
+                },
+                forward: false,
+            });
+        }
+        if !wire.is_empty() {
+            conn.send(&wire).await?;
+        }
+        self.conns.push(Held {
+            key,
             conn,
             expect,
             unnamed_ready: false,
             copy_in: false,
             query_failed: false,
             last_tag: String::new(),
+            wrote: false,
+            begun: self.tx.is_some(),
+            _in_flight: (key.server > 0).then(|| state.enter()),
         });
+        Ok(self.conns.len() - 1)
+    }
+
+    /// Runs one statement on several shards and merges the replies. `build` writes the
+    /// messages for one connection and returns the kinds of replies they expect.
+    async fn scatter(
+        &mut self,
+        shards: &[usize],
+        plan: &Plan,
+        broadcast: bool,
+        build: impl FnMut(&mut Self, usize, &mut BytesMut) -> Result<Vec<Kind>, protocol::Error>,
+    ) -> Result<(), End> {
+        let keys: Vec<ConnKey> = shards.iter().map(|&s| self.choose(s, plan)).collect();
+        self.scatter_on(&keys, shards, broadcast, build).await
+    }
+
+    async fn scatter_on(
+        &mut self,
+        keys: &[ConnKey],
+        _shards: &[usize],
+        broadcast: bool,
+        mut build: impl FnMut(&mut Self, usize, &mut BytesMut) -> Result<Vec<Kind>, protocol::Error>,
+    ) -> Result<(), End> {
+        // Take every connection first, injected messages drained, so replies start clean.
+        let mut idx = Vec::with_capacity(keys.len());
+        for &key in keys {
+            let i = match self.pin(key).await {
+                Ok(i) => i,
+                Err(e) => return self.refuse_request(&e),
+            };
+            self.drain(i).await?;
+            idx.push(key);
+        }
+        for &key in &idx {
+            let i = self.index(key);
+            let mut wire = BytesMut::new();
+            let kinds = match build(self, i, &mut wire) {
+                Ok(kinds) => kinds,
+                Err(e) => return Err(self.client_error(e)),
+            };
+            let held = &mut self.conns[i];
+            for kind in kinds {
+                held.expect.push_back(Expect::Reply {
+                    kind,
+                    forward: true,
+                });
+            }
+            if let Err(e) = held.conn.send(&wire).await {
+                return Err(self.server_lost(i, e));
+            }
+        }
+        self.merge = Some(Merge {
+            broadcast,
+            ..Merge::default()
+        });
+        for (n, &key) in idx.iter().enumerate() {
+            if let Some(m) = self.merge.as_mut() {
+                m.first = n == 0;
+            }
+            let i = self.index(key);
+            let drained = self.drain(i).await;
+            if let Err(end) = drained {
+                self.merge = None;
+                return Err(end);
+            }
+        }
+        let merge = self.merge.take().unwrap_or_default();
+        if !merge.error {
+            for tag in &merge.tags {
+                build::command_complete(&mut self.out, tag);
+            }
+        }
+        if merge.error
+            && let Some(tx) = self.tx.as_mut()
+        {
+            tx.failed = true;
+        }
+        let status = self.client_status();
+        build::ready_for_query(&mut self.out, status);
         Ok(())
     }
 
-    /// Sends a buffered extended-protocol batch (ending in Sync or Flush), rewriting statement
-    /// names and preparing statements the server connection lacks.
+    fn index(&self, key: ConnKey) -> usize {
+        self.conns
+            .iter()
+            .position(|h| h.key == key)
+            .expect("invariant: connections are released only between requests")
+    }
+
+    // === extended protocol ===
+
+    /// Sends a buffered extended-protocol batch (ending in Sync or Flush), routing each
+    /// Bind by its statement and values.
     async fn run_batch(&mut self) -> Result<(), End> {
         let batch = std::mem::take(&mut self.batch);
-        // A lone Sync outside a transaction needs no server: answer it here.
-        if self.server.is_none() && batch.len() == 1 && batch[0].tag() == tag::SYNC {
+        let has_sync = batch.iter().any(|f| f.tag() == tag::SYNC);
+        // A lone Sync with nothing pending needs no server: answer it here.
+        if self.pending().is_none() && batch.len() == 1 && has_sync {
             self.skip_until_sync = false;
-            build::ready_for_query(&mut self.out, self.status);
+            let status = self.client_status();
+            build::ready_for_query(&mut self.out, status);
             return Ok(());
         }
-        if let Err(e) = self.acquire().await {
-            super::error(&mut self.out, e.sqlstate(), &e.to_string());
-            // Like any error in a batch: the rest is skipped up to Sync, which still gets its
-            // ReadyForQuery so the client can go on.
-            if batch.iter().any(|f| f.tag() == tag::SYNC) {
-                build::ready_for_query(&mut self.out, self.status);
-            } else {
-                self.skip_until_sync = true;
+        if self.tx.as_ref().is_some_and(|tx| tx.failed)
+            && batch.iter().any(|f| f.tag() == tag::BIND)
+        {
+            super::error(
+                &mut self.out,
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            );
+            return self.end_failed_batch(has_sync);
+        }
+        // Route every Bind; a batch normally targets one place.
+        let mut targets: Vec<Option<(Plan, bool)>> = Vec::with_capacity(batch.len());
+        for frame in &batch {
+            targets.push(match frame.tag() {
+                tag::BIND => match self.plan_bind(frame) {
+                    Ok(plan) => Some((plan, true)),
+                    Err(e) => {
+                        super::error(&mut self.out, e.sqlstate(), &e.to_string());
+                        if let Some(tx) = self.tx.as_mut() {
+                            tx.failed = true;
+                        }
+                        return self.end_failed_batch(has_sync);
+                    }
+                },
+                _ => None,
+            });
+        }
+        let plans: Vec<&Plan> = targets.iter().flatten().map(|(p, _)| p).collect();
+        if let Some(multi) = plans.iter().find(|p| !matches!(p.fanout, Fanout::One(_))) {
+            let multi = (*multi).clone();
+            let binds = plans.len();
+            if binds != 1 {
+                super::error(
+                    &mut self.out,
+                    "0A000",
+                    "not supported across shards: a pipeline of several statements where one spans shards",
+                );
+                return self.end_failed_batch(has_sync);
             }
-            return Ok(());
+            return self.scatter_batch(batch, multi).await;
         }
+        for plan in &plans {
+            let Fanout::One(shard) = plan.fanout else {
+                unreachable!("checked above")
+            };
+            if let Err(e) = self.note_write(plan, &[shard.0]) {
+                super::error(&mut self.out, e.sqlstate(), &e.to_string());
+                if let Some(tx) = self.tx.as_mut() {
+                    tx.failed = true;
+                }
+                return self.end_failed_batch(has_sync);
+            }
+        }
+        // One connection per run of messages with the same target.
+        let default_key = self.default_key(plans.first().copied());
+        let mut current: Option<usize> = self.pending();
         let mut wire = BytesMut::new();
-        for frame in batch {
+        for (n, frame) in batch.into_iter().enumerate() {
             if self.skip_until_sync && frame.tag() != tag::SYNC {
                 continue;
             }
-            if let Err(e) = self.batch_message(frame, &mut wire) {
+            let key = match &targets[n] {
+                Some((plan, _)) => {
+                    let Fanout::One(shard) = plan.fanout else {
+                        unreachable!("single-shard batch")
+                    };
+                    self.choose(shard.0, plan)
+                }
+                None => match current {
+                    Some(i)
+                        if frame.tag() != tag::PARSE
+                            || self.next_bind_key(&targets, n).is_none() =>
+                    {
+                        self.conns[i].key
+                    }
+                    _ => self.next_bind_key(&targets, n).unwrap_or(default_key),
+                },
+            };
+            let switch = current.is_none_or(|i| self.conns[i].key != key);
+            if switch {
+                if let Some(i) = current {
+                    // Leaving a connection mid-batch: close its part with a Sync of our own.
+                    build::message(&mut wire, tag::SYNC, |_| {});
+                    self.conns[i].expect.push_back(Expect::Reply {
+                        kind: Kind::Sync,
+                        forward: false,
+                    });
+                    if let Err(e) = self.conns[i].conn.send(&wire).await {
+                        return Err(self.server_lost(i, e));
+                    }
+                    wire.clear();
+                    let errors_before = self.errors;
+                    self.drain(i).await?;
+                    if self.errors > errors_before {
+                        // Postgres would skip the rest of the batch up to Sync.
+                        self.skip_until_sync = true;
+                        continue;
+                    }
+                }
+                match self.pin(key).await {
+                    Ok(i) => current = Some(i),
+                    Err(e) => {
+                        super::error(&mut self.out, e.sqlstate(), &e.to_string());
+                        return self.end_failed_batch(has_sync);
+                    }
+                }
+            }
+            let i = current.expect("invariant: pinned above");
+            if let Some((plan, _)) = &targets[n] {
+                self.conns[i].wrote |= plan.writes;
+            }
+            if let Err(e) = self.batch_message(i, frame, &mut wire) {
                 return Err(self.client_error(e));
             }
         }
-        let held = self.server.as_mut().expect("invariant: acquired above");
-        pop_synthetic(held, &mut self.out);
-        if !wire.is_empty()
-            && let Err(e) = held.conn.send(&wire).await
-        {
-            return Err(self.server_lost(e));
+        if let Some(i) = current {
+            pop_synthetic(&mut self.conns[i], &mut self.out, self.merge.as_ref());
+            if !wire.is_empty()
+                && let Err(e) = self.conns[i].conn.send(&wire).await
+            {
+                return Err(self.server_lost(i, e));
+            }
         }
         Ok(())
     }
 
-    fn batch_message(&mut self, frame: Frame, wire: &mut BytesMut) -> Result<(), protocol::Error> {
-        let held = self
-            .server
-            .as_mut()
-            .expect("invariant: acquired by run_batch");
+    /// After an error raised by the proxy for a batch: skip to Sync, which gets its
+    /// ReadyForQuery so the client can go on.
+    fn end_failed_batch(&mut self, has_sync: bool) -> Result<(), End> {
+        if has_sync {
+            self.skip_until_sync = false;
+            let status = self.client_status();
+            build::ready_for_query(&mut self.out, status);
+        } else {
+            self.skip_until_sync = true;
+        }
+        Ok(())
+    }
+
+    /// Where messages with no Bind of their own go (a Parse/Describe-only batch): the
+    /// connection the transaction already has, or the first shard's primary.
+    fn default_key(&self, plan: Option<&Plan>) -> ConnKey {
+        if let Some(plan) = plan
+            && let Fanout::One(shard) = plan.fanout
+        {
+            return self.choose(shard.0, plan);
+        }
+        self.conns.first().map_or(ConnKey::primary(0), |h| h.key)
+    }
+
+    fn next_bind_key(&self, targets: &[Option<(Plan, bool)>], from: usize) -> Option<ConnKey> {
+        targets[from..].iter().flatten().next().map(|(plan, _)| {
+            let Fanout::One(shard) = plan.fanout else {
+                return ConnKey::primary(0);
+            };
+            self.choose(shard.0, plan)
+        })
+    }
+
+    /// The plan of a Bind: its statement's analysis evaluated with its values.
+    fn plan_bind(&self, frame: &Frame) -> Result<Plan, router::Error> {
+        let bad = |_| router::Error::BadKey("malformed Bind message".into());
+        let bind = decode::bind(frame.body()).map_err(bad)?;
+        let (analysis, types) = if bind.statement.is_empty() {
+            match &self.unnamed {
+                Some(u) => (u.analysis.clone(), u.types.clone()),
+                None => {
+                    return self
+                        .shared
+                        .router
+                        .plan(&self.shared.router.analyze(""), &Params::none());
+                }
+            }
+        } else {
+            match self.statements.get(bind.statement) {
+                Some(stmt) => (stmt.analysis.clone(), stmt.param_types.lock().clone()),
+                // The error for an unknown statement comes in order from batch_message.
+                None => {
+                    return self
+                        .shared
+                        .router
+                        .plan(&self.shared.router.analyze(""), &Params::none());
+                }
+            }
+        };
+        let params = Params::from_bind(bind.rest, &types).map_err(bad)?;
+        self.shared.router.plan(&analysis, &params)
+    }
+
+    /// A single statement (Parse? Bind Describe? Execute Sync) on several shards.
+    async fn scatter_batch(&mut self, batch: Vec<Frame>, plan: Plan) -> Result<(), End> {
+        if batch.last().map(Frame::tag) != Some(tag::SYNC) {
+            super::error(
+                &mut self.out,
+                "0A000",
+                "not supported across shards: a statement without Sync",
+            );
+            return self.end_failed_batch(false);
+        }
+        let shards = self.fanout_shards(&plan.fanout);
+        if let Err(e) = self.note_write(&plan, &shards) {
+            super::error(&mut self.out, e.sqlstate(), &e.to_string());
+            if let Some(tx) = self.tx.as_mut() {
+                tx.failed = true;
+            }
+            return self.end_failed_batch(true);
+        }
+        let broadcast = matches!(plan.fanout, Fanout::Broadcast);
+        let body: Vec<Frame> = batch[..batch.len() - 1].to_vec();
+        self.scatter(&shards, &plan, broadcast, move |session, i, wire| {
+            for frame in &body {
+                session.batch_message(i, frame.clone(), wire)?;
+            }
+            session.conns[i].wrote |= plan.writes;
+            // Our own Sync per connection; the merge emits the client's ReadyForQuery.
+            build::message(wire, tag::SYNC, |_| {});
+            Ok(vec![Kind::Sync])
+        })
+        .await
+    }
+
+    fn batch_message(
+        &mut self,
+        i: usize,
+        frame: Frame,
+        wire: &mut BytesMut,
+    ) -> Result<(), protocol::Error> {
         let reply = |kind| Expect::Reply {
             kind,
             forward: true,
@@ -492,9 +1192,14 @@ impl Session {
             tag::PARSE => {
                 let parse = decode::parse(frame.body())?;
                 if parse.name.is_empty() {
-                    self.unnamed = Some(frame.bytes().clone());
-                    self.unnamed_changes =
-                        super::settings::effects(&String::from_utf8_lossy(parse.query)).changes;
+                    let sql = String::from_utf8_lossy(parse.query);
+                    self.unnamed = Some(Unnamed {
+                        parse: frame.bytes().clone(),
+                        analysis: self.shared.router.analyze(&sql),
+                        types: crate::server::parse_param_types(parse.param_types),
+                        changes: super::settings::effects(&sql).changes,
+                    });
+                    let held = &mut self.conns[i];
                     held.unnamed_ready = true;
                     wire.extend_from_slice(frame.bytes());
                     held.expect.push_back(reply(Kind::Parse {
@@ -509,14 +1214,11 @@ impl Session {
                         "prepared statement \"{}\" already exists",
                         String::from_utf8_lossy(&name)
                     );
-                    self.synthetic_error(wire, "42P05", &msg);
+                    self.synthetic_error(i, "42P05", &msg);
                     return Ok(());
                 }
-                let stmt = self.shared.statements.intern(&parse);
-                let held = self
-                    .server
-                    .as_mut()
-                    .expect("invariant: acquired by run_batch");
+                let stmt = self.shared.statements.intern(&parse, &self.shared.router);
+                let held = &mut self.conns[i];
                 if held.conn.prepared.contains(&stmt.id) {
                     let mut msg = BytesMut::new();
                     build::parse_complete(&mut msg);
@@ -535,16 +1237,20 @@ impl Session {
                 let bind = decode::bind(frame.body())?;
                 let portal_unnamed = bind.portal.is_empty();
                 if bind.statement.is_empty() {
-                    self.ensure_unnamed(wire);
+                    self.ensure_unnamed(i, wire);
                     wire.extend_from_slice(frame.bytes());
                     if portal_unnamed {
-                        self.portal_changes = self.unnamed_changes.clone();
+                        self.portal_changes = self
+                            .unnamed
+                            .as_ref()
+                            .map(|u| u.changes.clone())
+                            .unwrap_or_default();
                     }
                 } else {
-                    let Some(stmt) = self.lookup(bind.statement, wire) else {
+                    let Some(stmt) = self.lookup(i, bind.statement) else {
                         return Ok(());
                     };
-                    self.ensure_prepared(&stmt, wire);
+                    self.ensure_prepared(i, &stmt, wire);
                     build::message(wire, tag::BIND, |b| {
                         build::cstr(b, bind.portal);
                         build::cstr(b, &stmt.server_name);
@@ -554,26 +1260,30 @@ impl Session {
                         self.portal_changes = stmt.effects.changes.clone();
                     }
                 }
-                self.push(reply(Kind::Bind));
+                self.conns[i].expect.push_back(reply(Kind::Bind));
             }
             tag::DESCRIBE => {
                 let (kind, name) = decode::target(frame.body(), "Describe")?;
+                let mut described = None;
                 if kind == b'S' && !name.is_empty() {
-                    let Some(stmt) = self.lookup(name, wire) else {
+                    let Some(stmt) = self.lookup(i, name) else {
                         return Ok(());
                     };
-                    self.ensure_prepared(&stmt, wire);
+                    self.ensure_prepared(i, &stmt, wire);
                     build::message(wire, tag::DESCRIBE, |b| {
                         b.put_u8(b'S');
                         build::cstr(b, &stmt.server_name);
                     });
+                    described = Some(stmt);
                 } else {
                     if kind == b'S' {
-                        self.ensure_unnamed(wire);
+                        self.ensure_unnamed(i, wire);
                     }
                     wire.extend_from_slice(frame.bytes());
                 }
-                self.push(reply(Kind::Describe));
+                self.conns[i]
+                    .expect
+                    .push_back(reply(Kind::Describe { stmt: described }));
             }
             tag::EXECUTE => {
                 let (portal, _) = decode::cstr(frame.body(), "Execute")?;
@@ -583,7 +1293,9 @@ impl Session {
                     Vec::new()
                 };
                 wire.extend_from_slice(frame.bytes());
-                self.push(reply(Kind::Execute { changes }));
+                self.conns[i]
+                    .expect
+                    .push_back(reply(Kind::Execute { changes }));
             }
             tag::CLOSE => {
                 let (kind, name) = decode::target(frame.body(), "Close")?;
@@ -592,32 +1304,26 @@ impl Session {
                     self.statements.remove(name);
                     let mut msg = BytesMut::new();
                     build::close_complete(&mut msg);
-                    self.push(Expect::Synthetic(msg.freeze()));
+                    self.conns[i]
+                        .expect
+                        .push_back(Expect::Synthetic(msg.freeze()));
                 } else {
                     wire.extend_from_slice(frame.bytes());
-                    self.push(reply(Kind::Close));
+                    self.conns[i].expect.push_back(reply(Kind::Close));
                 }
             }
             tag::SYNC => {
                 self.skip_until_sync = false;
                 wire.extend_from_slice(frame.bytes());
-                self.push(reply(Kind::Sync));
+                self.conns[i].expect.push_back(reply(Kind::Sync));
             }
             _ => wire.extend_from_slice(frame.bytes()), // Flush
         }
         Ok(())
     }
 
-    fn push(&mut self, expect: Expect) {
-        let held = self
-            .server
-            .as_mut()
-            .expect("invariant: acquired by run_batch");
-        held.expect.push_back(expect);
-    }
-
     /// The client's statement by name, or an error queued in its place.
-    fn lookup(&mut self, name: &[u8], wire: &mut BytesMut) -> Option<Arc<Statement>> {
+    fn lookup(&mut self, i: usize, name: &[u8]) -> Option<Arc<Statement>> {
         if let Some(stmt) = self.statements.get(name) {
             return Some(stmt.clone());
         }
@@ -625,23 +1331,22 @@ impl Session {
             "prepared statement \"{}\" does not exist",
             String::from_utf8_lossy(name)
         );
-        self.synthetic_error(wire, "26000", &msg);
+        self.synthetic_error(i, "26000", &msg);
         None
     }
 
     /// An error the proxy raises inside a batch: like Postgres, it skips the rest up to Sync.
-    fn synthetic_error(&mut self, _wire: &mut BytesMut, code: &str, msg: &str) {
+    fn synthetic_error(&mut self, i: usize, code: &str, msg: &str) {
         let mut err = BytesMut::new();
         super::error(&mut err, code, msg);
-        self.push(Expect::Synthetic(err.freeze()));
+        self.conns[i]
+            .expect
+            .push_back(Expect::Synthetic(err.freeze()));
         self.skip_until_sync = true;
     }
 
-    fn ensure_prepared(&mut self, stmt: &Statement, wire: &mut BytesMut) {
-        let held = self
-            .server
-            .as_mut()
-            .expect("invariant: acquired by run_batch");
+    fn ensure_prepared(&mut self, i: usize, stmt: &Statement, wire: &mut BytesMut) {
+        let held = &mut self.conns[i];
         if held.conn.prepared.insert(stmt.id) {
             wire.extend_from_slice(&stmt.parse);
             held.expect.push_back(Expect::Reply {
@@ -654,16 +1359,13 @@ impl Session {
         }
     }
 
-    fn ensure_unnamed(&mut self, wire: &mut BytesMut) {
-        let held = self
-            .server
-            .as_mut()
-            .expect("invariant: acquired by run_batch");
+    fn ensure_unnamed(&mut self, i: usize, wire: &mut BytesMut) {
+        let held = &mut self.conns[i];
         if held.unnamed_ready {
             return;
         }
-        if let Some(parse) = &self.unnamed {
-            wire.extend_from_slice(parse);
+        if let Some(unnamed) = &self.unnamed {
+            wire.extend_from_slice(&unnamed.parse);
             held.unnamed_ready = true;
             held.expect.push_back(Expect::Reply {
                 kind: Kind::Parse {
@@ -677,13 +1379,10 @@ impl Session {
 
     // === server messages ===
 
-    fn on_server(&mut self, frame: Frame) -> Result<(), End> {
-        let held = self
-            .server
-            .as_mut()
-            .expect("invariant: only polled while held");
-        pop_synthetic(held, &mut self.out);
+    fn on_server(&mut self, i: usize, frame: Frame) -> Result<(), End> {
+        pop_synthetic(&mut self.conns[i], &mut self.out, self.merge.as_ref());
         let t = frame.tag();
+        let held = &mut self.conns[i];
         let (forward, ends) = match held.expect.front() {
             Some(Expect::Reply { kind, forward }) => (*forward, ends_reply(kind, t)),
             Some(Expect::Synthetic(_)) => unreachable!("pop_synthetic leaves a reply at the head"),
@@ -696,19 +1395,18 @@ impl Session {
                     tag::ERROR_RESPONSE => {
                         // An idle server telling us it is going away (shutdown, terminated).
                         self.out.extend_from_slice(frame.bytes());
-                        held.conn.broken = true;
-                        self.release();
+                        self.conns[i].conn.broken = true;
                         Ok(())
                     }
-                    _ => {
-                        Err(self
-                            .desync(&format!("message {:?} with no request pending", t as char)))
-                    }
+                    _ => Err(self.desync(
+                        i,
+                        &format!("message {:?} with no request pending", t as char),
+                    )),
                 };
             }
         };
         match t {
-            tag::ERROR_RESPONSE => return self.on_server_error(frame, forward),
+            tag::ERROR_RESPONSE => return self.on_server_error(i, frame, forward),
             tag::COMMAND_COMPLETE => {
                 held.last_tag = decode::command_complete(frame.body())
                     .unwrap_or_default()
@@ -740,9 +1438,28 @@ impl Session {
                     }
                 }
             }
+            tag::PARAMETER_DESCRIPTION => {
+                if let Some(Expect::Reply {
+                    kind: Kind::Describe { stmt: Some(stmt) },
+                    ..
+                }) = held.expect.front()
+                {
+                    stmt.learn_param_types(&crate::server::parse_param_types(frame.body()));
+                }
+            }
+            tag::DATA_ROW => {
+                if let Some(Expect::Reply {
+                    kind: Kind::Lsn, ..
+                }) = held.expect.front()
+                    && let Some(lsn) = lsn_from_row(frame.body())
+                {
+                    let shard = held.key.shard;
+                    self.ryw.insert(shard, lsn);
+                }
+            }
             tag::READY_FOR_QUERY => {
                 let Ok(status) = decode::ready_for_query(frame.body()) else {
-                    return Err(self.desync("malformed ReadyForQuery"));
+                    return Err(self.desync(i, "malformed ReadyForQuery"));
                 };
                 held.conn.status = status;
                 held.copy_in = false;
@@ -750,92 +1467,199 @@ impl Session {
             _ => {}
         }
         if ends == Ends::Mismatch {
-            return Err(self.desync(&format!("message {:?}", t as char)));
+            return Err(self.desync(i, &format!("message {:?}", t as char)));
         }
         // Replies to injected requests are dropped, but a notification is for the client
         // whatever request it arrived during.
-        if forward || t == tag::NOTIFICATION {
+        if (forward || t == tag::NOTIFICATION) && self.merge_allows(t, &frame) {
             self.out.extend_from_slice(frame.bytes());
         }
         if ends == Ends::Yes {
-            let held = self.server.as_mut().expect("invariant: held");
-            let Some(Expect::Reply { kind, .. }) = held.expect.pop_front() else {
+            let Some(Expect::Reply { kind, forward }) = self.conns[i].expect.pop_front() else {
                 unreachable!("head checked above");
             };
-            self.completed(kind, t);
+            self.completed(i, kind, t, forward);
         }
         Ok(())
     }
 
+    /// In a merge, which replies reach the client; CommandComplete tags are collected.
+    fn merge_allows(&mut self, t: u8, frame: &Frame) -> bool {
+        let Some(merge) = self.merge.as_mut() else {
+            return true;
+        };
+        match t {
+            tag::DATA_ROW => !merge.error && (merge.first || !merge.broadcast),
+            tag::COMMAND_COMPLETE => {
+                let text = decode::command_complete(frame.body()).unwrap_or_default();
+                if merge.first {
+                    merge.tags.push(text.to_string());
+                } else if !merge.broadcast {
+                    let n = merge.tags.len();
+                    if let Some(last) = merge.tags.get_mut(n.saturating_sub(1)) {
+                        *last = add_counts(last, text);
+                    }
+                }
+                false
+            }
+            tag::READY_FOR_QUERY => false,
+            tag::NOTICE_RESPONSE | tag::NOTIFICATION | tag::PARAMETER_STATUS => merge.first,
+            _ => merge.first,
+        }
+    }
+
     /// Bookkeeping when a request's reply is complete.
-    fn completed(&mut self, kind: Kind, t: u8) {
-        let held = self.server.as_mut().expect("invariant: held");
+    fn completed(&mut self, i: usize, kind: Kind, t: u8, forward: bool) {
+        if !forward {
+            // Injected requests (settings replay, BEGIN, our own Syncs) change nothing the
+            // session tracks beyond the connection's status.
+            self.conns[i].query_failed = false;
+            let merge = self.merge.as_ref();
+            pop_synthetic(&mut self.conns[i], &mut self.out, merge);
+            return;
+        }
         match kind {
             Kind::Execute { changes } if t == tag::COMMAND_COMPLETE => {
                 self.tx_changes.extend(changes)
             }
             Kind::Query { changes } => {
-                if !held.query_failed {
+                if !self.conns[i].query_failed {
                     self.tx_changes.extend(changes);
                 }
-                held.query_failed = false;
-                self.ready();
+                self.conns[i].query_failed = false;
+                self.ready(i);
             }
-            Kind::Sync => self.ready(),
+            Kind::Sync => self.ready(i),
+            Kind::Lsn => {}
             _ => {}
         }
-        // `ready` may have returned the connection to the pool.
-        if let Some(held) = self.server.as_mut() {
-            pop_synthetic(held, &mut self.out);
-        }
+        let merge = self.merge.as_ref();
+        pop_synthetic(&mut self.conns[i], &mut self.out, merge);
     }
 
-    /// After a ReadyForQuery: settle settings and maybe return the connection to the pool.
-    fn ready(&mut self) {
-        let held = self.server.as_mut().expect("invariant: held");
+    /// After a ReadyForQuery: settle settings, learn where a write ended, track the
+    /// transaction.
+    fn ready(&mut self, i: usize) {
+        let held = &mut self.conns[i];
         let status = held.conn.status;
-        self.status = status;
-        if status == TxStatus::Idle {
-            if held.last_tag != "ROLLBACK" {
-                let changes = std::mem::take(&mut self.tx_changes);
-                self.settings.apply(&changes);
-            }
-            self.tx_changes.clear();
-            held.conn.settings = self.settings.fingerprint();
+        if self.merge.is_none() {
+            self.status = status;
         }
-        if status == TxStatus::Idle
-            && held.expect.is_empty()
-            && !held.copy_in
-            && self.batch.is_empty()
-            && self.mode == PoolMode::Transaction
+        held.begun = status != TxStatus::Idle;
+        if status != TxStatus::Idle {
+            // The server is in a transaction (perhaps opened inside a multi-statement query):
+            // the session is too.
+            if self.tx.is_none() {
+                let mut begin = BytesMut::new();
+                build::query(&mut begin, "BEGIN");
+                self.tx = Some(Tx {
+                    begin: begin.freeze(),
+                    read_only: false,
+                    failed: false,
+                    written: if held.wrote {
+                        BTreeSet::from([held.key.shard])
+                    } else {
+                        BTreeSet::new()
+                    },
+                });
+            }
+            return;
+        }
+        if held.last_tag != "ROLLBACK" {
+            let changes = std::mem::take(&mut self.tx_changes);
+            self.settings.apply(&changes);
+        }
+        self.tx_changes.clear();
+        held.conn.settings = self.settings.fingerprint();
+        if self.tx.is_some()
+            && self.conns.iter().all(|h| h.conn.status == TxStatus::Idle)
+            && !self.conns.is_empty()
         {
-            self.release();
+            // COMMIT or ROLLBACK inside a query the router passed through.
+            self.tx = None;
+        }
+        let held = &mut self.conns[i];
+        if held.wrote
+            && held.key.server == 0
+            && self.shared.config.routing.read_your_writes
+            && self.tx.is_none()
+        {
+            held.wrote = false;
+            if !self.shared.shards[held.key.shard].replicas.is_empty() {
+                // Where the write ended in the WAL: replicas serve this session's reads on the
+                // shard once they have replayed that far. Pipelined, so no client waits for it.
+                let mut q = BytesMut::new();
+                build::query(&mut q, "SELECT pg_current_wal_insert_lsn()");
+                held.expect.push_back(Expect::Reply {
+                    kind: Kind::Lsn,
+                    forward: false,
+                });
+                // try_write keeps this synchronous; a full socket buffer just skips the probe
+                // (reads then go to the primary until a later write records an LSN).
+                if held
+                    .conn
+                    .writer
+                    .try_write(&q)
+                    .map(|n| n == q.len())
+                    .unwrap_or(false)
+                {
+                    self.ryw.insert(held.key.shard, u64::MAX);
+                } else {
+                    held.expect.pop_back();
+                    held.conn.broken = true;
+                }
+            }
         }
     }
 
     /// An ErrorResponse: in a simple Query it is part of the reply; in the extended protocol the
     /// server now skips to the next Sync, so every request before it gets no reply.
-    fn on_server_error(&mut self, frame: Frame, forward: bool) -> Result<(), End> {
-        let held = self.server.as_mut().expect("invariant: held");
+    fn on_server_error(&mut self, i: usize, frame: Frame, forward: bool) -> Result<(), End> {
+        let merge_ok = match self.merge.as_mut() {
+            Some(m) => {
+                let first_error = !m.error;
+                m.error = true;
+                first_error
+            }
+            None => true,
+        };
+        if forward {
+            self.errors += 1;
+        }
+        let held = &mut self.conns[i];
         held.copy_in = false;
         if matches!(
             held.expect.front(),
             Some(Expect::Reply {
-                kind: Kind::Query { .. },
+                kind: Kind::Query { .. } | Kind::Lsn,
                 ..
             })
         ) {
             held.query_failed = true;
-            if forward {
+            if forward && merge_ok {
                 self.out.extend_from_slice(frame.bytes());
-            } else {
+            } else if !forward {
                 let fields = decode::error_fields(frame.body()).unwrap_or_default();
-                warn!(code = %fields.code, message = %fields.message, "replaying session settings failed");
+                warn!(code = %fields.code, message = %fields.message, "a request injected by the proxy failed");
             }
             return Ok(());
         }
         // An injected Parse that fails still answers for the client's request that needed it.
-        self.out.extend_from_slice(frame.bytes());
+        if merge_ok {
+            self.out.extend_from_slice(frame.bytes());
+        }
+        if self.merge.is_none() {
+            self.skip_until_sync = self.skip_until_sync
+                || !held.expect.iter().any(|e| {
+                    matches!(
+                        e,
+                        Expect::Reply {
+                            kind: Kind::Sync,
+                            ..
+                        }
+                    )
+                });
+        }
         while let Some(front) = held.expect.front() {
             if matches!(
                 front,
@@ -862,30 +1686,57 @@ impl Session {
         Ok(())
     }
 
-    /// Returns the held server connection to the pool.
-    fn release(&mut self) {
-        if let Some(held) = self.server.take() {
+    /// Returns idle connections to the pool when the session is between transactions.
+    fn release_idle(&mut self) {
+        if self.mode == PoolMode::Session || self.tx.is_some() || !self.batch.is_empty() {
+            return;
+        }
+        let before = self.conns.len();
+        self.conns
+            .retain(|h| !(h.expect.is_empty() && !h.copy_in && h.conn.status == TxStatus::Idle));
+        if self.conns.is_empty() && before > 0 {
             self.shared.cancels.set_target(self.pid, None);
-            drop(held);
         }
     }
 
     /// At the end of a session: a connection still mid-request cannot be reused; a session-mode
     /// connection is reset so the next client starts clean.
     async fn release_on_exit(&mut self) {
-        let Some(mut held) = self.server.take() else {
-            return;
-        };
         self.shared.cancels.set_target(self.pid, None);
-        let idle = held.expect.is_empty() && !held.copy_in && held.conn.status == TxStatus::Idle;
-        if !idle {
-            held.conn.broken = true;
-            return;
-        }
-        if self.mode == PoolMode::Session && reset_session(&mut held.conn).await.is_err() {
-            held.conn.broken = true;
+        for mut held in std::mem::take(&mut self.conns) {
+            let idle =
+                held.expect.is_empty() && !held.copy_in && held.conn.status == TxStatus::Idle;
+            if !idle {
+                held.conn.broken = true;
+                continue;
+            }
+            if self.mode == PoolMode::Session && reset_session(&mut held.conn).await.is_err() {
+                held.conn.broken = true;
+            }
         }
     }
+}
+
+/// Adds the row counts of two CommandComplete tags of the same command (`SELECT 3` + `SELECT 4`
+/// = `SELECT 7`; `INSERT 0 2` keeps its OID field).
+fn add_counts(a: &str, b: &str) -> String {
+    let (prefix, n) = match a.rsplit_once(' ') {
+        Some((p, n)) => (p, n.parse::<u64>().ok()),
+        None => (a, None),
+    };
+    let m = b.rsplit_once(' ').and_then(|(_, n)| n.parse::<u64>().ok());
+    match (n, m) {
+        (Some(n), Some(m)) => format!("{prefix} {}", n + m),
+        _ => a.to_string(),
+    }
+}
+
+/// The LSN in a one-column text DataRow (`16/B374D848`).
+fn lsn_from_row(body: &[u8]) -> Option<u64> {
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    let text = std::str::from_utf8(body.get(6..6 + usize::try_from(len).ok()?)?).ok()?;
+    let (hi, lo) = text.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
 /// Sends DISCARD ALL and waits for its ReadyForQuery.
@@ -911,11 +1762,6 @@ async fn reset_session(conn: &mut PooledConn) -> Result<(), ()> {
     Ok(())
 }
 
-enum Event {
-    Client(Result<Frame, protocol::Error>),
-    Server(Result<Frame, protocol::Error>),
-}
-
 #[derive(Debug, PartialEq, Eq)]
 enum Ends {
     Yes,
@@ -931,25 +1777,52 @@ fn ends_reply(kind: &Kind, t: u8) -> Ends {
         (Kind::Parse { .. }, PARSE_COMPLETE) => Ends::Yes,
         (Kind::Bind, BIND_COMPLETE) => Ends::Yes,
         (Kind::Close, CLOSE_COMPLETE) => Ends::Yes,
-        (Kind::Describe, PARAMETER_DESCRIPTION) => Ends::No,
-        (Kind::Describe, ROW_DESCRIPTION | NO_DATA) => Ends::Yes,
+        (Kind::Describe { .. }, PARAMETER_DESCRIPTION) => Ends::No,
+        (Kind::Describe { .. }, ROW_DESCRIPTION | NO_DATA) => Ends::Yes,
         (Kind::Execute { .. }, COMMAND_COMPLETE | EMPTY_QUERY | PORTAL_SUSPENDED) => Ends::Yes,
         (
             Kind::Execute { .. },
             DATA_ROW | COPY_IN_RESPONSE | COPY_OUT_RESPONSE | COPY_BOTH_RESPONSE | b'd' | b'c',
         ) => Ends::No,
-        (Kind::Sync | Kind::Query { .. }, READY_FOR_QUERY) => Ends::Yes,
+        (Kind::Sync | Kind::Query { .. } | Kind::Lsn, READY_FOR_QUERY) => Ends::Yes,
         // A simple Query (or FunctionCall) reply holds anything up to its ReadyForQuery.
-        (Kind::Query { .. }, _) => Ends::No,
+        (Kind::Query { .. } | Kind::Lsn, _) => Ends::No,
         _ => Ends::Mismatch,
     }
 }
 
-/// Sends every synthetic reply at the head of the queue.
-fn pop_synthetic(held: &mut Held, out: &mut BytesMut) {
+/// Sends every synthetic reply at the head of the queue (in a merge, only the first
+/// connection's count).
+fn pop_synthetic(held: &mut Held, out: &mut BytesMut, merge: Option<&Merge>) {
+    let keep = merge.is_none_or(|m| m.first);
     while let Some(Expect::Synthetic(_)) = held.expect.front() {
-        if let Some(Expect::Synthetic(bytes)) = held.expect.pop_front() {
+        if let Some(Expect::Synthetic(bytes)) = held.expect.pop_front()
+            && keep
+        {
             out.extend_from_slice(&bytes);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_add_up() {
+        assert_eq!(add_counts("SELECT 3", "SELECT 4"), "SELECT 7");
+        assert_eq!(add_counts("INSERT 0 2", "INSERT 0 5"), "INSERT 0 7");
+        assert_eq!(add_counts("UPDATE 0", "UPDATE 1"), "UPDATE 1");
+        assert_eq!(add_counts("CREATE TABLE", "CREATE TABLE"), "CREATE TABLE");
+    }
+
+    #[test]
+    fn lsn_rows_parse() {
+        let mut body = vec![0, 1];
+        let text = b"16/B374D848";
+        body.extend_from_slice(&(text.len() as i32).to_be_bytes());
+        body.extend_from_slice(text);
+        assert_eq!(lsn_from_row(&body), Some((0x16 << 32) | 0xB374_D848));
+        assert_eq!(lsn_from_row(&[0, 1, 255, 255, 255, 255]), None);
     }
 }
