@@ -115,7 +115,7 @@ fn replicas_follow_health_and_lag() {
 
     // Both replicas join the rotation after their first probes.
     assert!(
-        eventually(Duration::from_secs(5), || shard
+        eventually(Duration::from_secs(5 * 3), || shard
             .replicas
             .iter()
             .all(|r| r.is_healthy())),
@@ -141,7 +141,8 @@ fn replicas_follow_health_and_lag() {
     // A stopped replica leaves the rotation within a couple of probe intervals.
     cluster.stop_server(replica0).expect("stop replica 0");
     assert!(
-        eventually(Duration::from_secs(2), || !shard.replicas[0].is_healthy()),
+        eventually(Duration::from_secs(2 * 3), || !shard.replicas[0]
+            .is_healthy()),
         "stopped replica still healthy: {}",
         describe(shard)
     );
@@ -151,7 +152,8 @@ fn replicas_follow_health_and_lag() {
     // ... and comes back once restarted.
     cluster.start_server(replica0).expect("start replica 0");
     assert!(
-        eventually(Duration::from_secs(10), || shard.replicas[0].is_healthy()),
+        eventually(Duration::from_secs(10 * 3), || shard.replicas[0]
+            .is_healthy()),
         "restarted replica not healthy: {}",
         describe(shard)
     );
@@ -178,7 +180,8 @@ fn replicas_follow_health_and_lag() {
          INSERT INTO health_t SELECT generate_series(1, 10000)",
     );
     assert!(
-        eventually(Duration::from_secs(3), || shard.replicas[0].replay_lsn()
+        eventually(Duration::from_secs(3 * 3), || shard.replicas[0]
+            .replay_lsn()
             >= write_lsn),
         "replica 0 never replayed the write at {write_lsn}: {}",
         describe(shard)
@@ -205,7 +208,8 @@ fn replicas_follow_health_and_lag() {
         .psql(replica1, "SELECT pg_wal_replay_resume()")
         .expect("resume replay");
     assert!(
-        eventually(Duration::from_secs(3), || shard.replicas[1].is_healthy()),
+        eventually(Duration::from_secs(3 * 3), || shard.replicas[1]
+            .is_healthy()),
         "resumed replica not healthy: {}",
         describe(shard)
     );
@@ -213,14 +217,14 @@ fn replicas_follow_health_and_lag() {
     // Read-your-writes: both replicas' probed replay LSN reaches a fresh write.
     let write_lsn = write_on_primary(&cluster, primary, "INSERT INTO health_t VALUES (0)");
     assert!(
-        eventually(Duration::from_secs(2), || shard.primary.current_lsn()
+        eventually(Duration::from_secs(2 * 3), || shard.primary.current_lsn()
             >= write_lsn),
         "primary probe never saw {write_lsn}: {}",
         describe(shard)
     );
     let write_lsn = shard.primary.current_lsn();
     assert!(
-        eventually(Duration::from_secs(3), || shard
+        eventually(Duration::from_secs(3 * 3), || shard
             .replicas
             .iter()
             .all(|r| r.replay_lsn() >= write_lsn)),
@@ -237,7 +241,7 @@ fn replicas_follow_health_and_lag() {
     // The primary going away is noticed too.
     cluster.stop_server(primary).expect("stop primary");
     assert!(
-        eventually(Duration::from_secs(2), || !health.primary_healthy(0)),
+        eventually(Duration::from_secs(2 * 3), || !health.primary_healthy(0)),
         "stopped primary still healthy: {}",
         describe(shard)
     );

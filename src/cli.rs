@@ -1,4 +1,4 @@
-//! The command line: `serve` (default), `demo`, `check`. Names are public contract.
+//! The command line: `serve` (default), `demo`, `check`, `route`. Names are public contract.
 
 use std::path::PathBuf;
 
@@ -32,6 +32,13 @@ pub enum Command {
     Check {
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// Print the routing plan for one statement.
+    Route {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The SQL statement (bind parameters stay unknown: `$n` keys route to every shard).
+        sql: String,
     },
 }
 

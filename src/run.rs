@@ -40,6 +40,16 @@ pub fn run(command: Command) -> Result<()> {
             replicas,
             port,
         } => demo(shards, replicas, port),
+        Command::Route { config, sql } => {
+            let config = load(&cli::config_path(config))?;
+            let router = crate::router::Router::new(&config).map_err(anyhow::Error::msg)?;
+            let analysis = router.analyze(&sql);
+            match router.plan(&analysis, &crate::router::params::Params::none()) {
+                Ok(plan) => println!("{plan}"),
+                Err(e) => println!("error {}: {e}", e.sqlstate()),
+            }
+            Ok(())
+        }
     }
 }
 
@@ -106,7 +116,15 @@ pub fn summary(path: &Path, config: &Config) -> String {
     for table in &config.sharding.reference_tables {
         let _ = writeln!(s, "reference   {table}");
     }
-    for shard in &config.shards {
+    let shares = crate::router::Router::new(config)
+        .ok()
+        .and_then(|r| r.ring_shares());
+    for (i, shard) in config.shards.iter().enumerate() {
+        let share = shares
+            .as_ref()
+            .and_then(|s| s.get(i))
+            .map(|f| format!(" ({:.1}% of the ring)", f * 100.0))
+            .unwrap_or_default();
         let range = match shard.range {
             Some(config::Range { from, to }) => format!(
                 " range [{}, {})",
@@ -117,11 +135,12 @@ pub fn summary(path: &Path, config: &Config) -> String {
         };
         let _ = writeln!(
             s,
-            "shard {:<5} primary {} replicas [{}]{}",
+            "shard {:<5} primary {} replicas [{}]{}{}",
             shard.name,
             shard.primary,
             shard.replicas.join(", "),
-            range
+            range,
+            share
         );
     }
     s
@@ -176,12 +195,39 @@ CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, country text, cre
 CREATE TABLE orders (id bigint NOT NULL, user_id bigint NOT NULL, amount numeric(12,2) NOT NULL, placed_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (user_id, id));
 ";
 
-/// Sample rows, loaded through the proxy.
-pub const DEMO_DATA: &str = "
-INSERT INTO countries VALUES ('fr', 'France'), ('jp', 'Japan'), ('br', 'Brazil'), ('ng', 'Nigeria');
-INSERT INTO users (id, name, country) SELECT i, 'user ' || i, (ARRAY['fr','jp','br','ng'])[1 + i % 4] FROM generate_series(1, 100) AS i;
-INSERT INTO orders (id, user_id, amount) SELECT i, 1 + i % 100, (i * 7 % 500) + 0.99 FROM generate_series(1, 500) AS i;
-";
+/// Reference rows, broadcast to every shard through the proxy.
+pub const DEMO_COUNTRIES: &str = "INSERT INTO countries VALUES ('fr', 'France'), ('jp', 'Japan'), ('br', 'Brazil'), ('ng', 'Nigeria')";
+
+/// Loads the demo rows through the proxy, so each user and its orders land on their shard.
+async fn load_demo_data(url: &str) -> Result<()> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    let task = tokio::spawn(conn);
+    client.batch_execute(DEMO_COUNTRIES).await?;
+    let user = client
+        .prepare("INSERT INTO users (id, name, country) VALUES ($1, $2, $3)")
+        .await?;
+    let order = client
+        .prepare("INSERT INTO orders (id, user_id, amount) VALUES ($1, $2, $3::numeric)")
+        .await?;
+    let countries = ["fr", "jp", "br", "ng"];
+    for id in 1..=100i64 {
+        let country = countries[(id % 4) as usize];
+        client
+            .execute(&user, &[&id, &format!("user {id}"), &country])
+            .await?;
+        for n in 0..5i64 {
+            let amount = format!("{}.99", (id * 7 + n * 13) % 500);
+            client
+                .execute(&order, &[&(id * 10 + n), &id, &amount])
+                .await?;
+        }
+    }
+    drop(client);
+    let _ = task.await;
+    Ok(())
+}
 
 fn demo(shards: usize, replicas: usize, port: u16) -> Result<()> {
     if shards == 0 {
@@ -211,7 +257,7 @@ fn demo(shards: usize, replicas: usize, port: u16) -> Result<()> {
             execute(&direct, DEMO_SCHEMA).await.context("cannot create the demo schema")?;
         }
         let handle = start(&config).await?;
-        execute(&url, DEMO_DATA).await.context("cannot load demo data through the proxy")?;
+        load_demo_data(&url).await.context("cannot load demo data through the proxy")?;
         println!(
             "\nTessera demo is serving on {}.\nConnect with:\n\n    psql {url}\n\nPress Ctrl-C to stop and remove the cluster.",
             config.listen
