@@ -122,8 +122,12 @@ fn replicas_follow_health_and_lag() {
         "replicas never became healthy: {}",
         describe(shard)
     );
-    assert!(health.primary_healthy(0));
-    assert!(shard.primary.current_lsn() > 0);
+    assert!(
+        eventually(Duration::from_secs(15), || health.primary_healthy(0)
+            && shard.primary.current_lsn() > 0),
+        "primary never probed: {}",
+        describe(shard)
+    );
     let got = picks(shard, None, 4);
     assert!(got.contains(&Some(0)) && got.contains(&Some(1)), "{got:?}");
 

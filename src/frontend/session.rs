@@ -36,6 +36,17 @@ use crate::router::params::Params;
 use crate::router::{self, Fanout, Plan, lex};
 use crate::server::{Shared, Statement};
 
+thread_local! {
+    /// The plan of every statement when the router is a passthrough (one shard, no replicas).
+    static PASSTHROUGH: Plan = Plan {
+        fanout: Fanout::One(router::ShardId(0)),
+        replica_ok: false,
+        writes: false,
+        tx: None,
+        reason: Arc::from("single shard, primary only: passthrough"),
+    };
+}
+
 /// What a reply from the server answers.
 #[derive(Debug)]
 enum Kind {
@@ -393,10 +404,18 @@ impl Session {
             // server-side statement belongs to the proxy and other clients may share it.
             return self.reply_locally(reply);
         }
-        let analysis = self.shared.router.analyze(&sql);
-        let plan = match self.shared.router.plan(&analysis, &Params::none()) {
-            Ok(plan) => plan,
-            Err(e) => return self.refuse_statement(&e),
+        let plan = if self.shared.router.passthrough() {
+            PASSTHROUGH.with(Plan::clone)
+        } else {
+            let (analysis, literals) = self.shared.router.analyze_simple(&sql);
+            match self
+                .shared
+                .router
+                .plan(&analysis, &Params::from_literals(&literals))
+            {
+                Ok(plan) => plan,
+                Err(e) => return self.refuse_statement(&e),
+            }
         };
         if let Some(cmd) = plan.tx {
             return self.on_tx_command(frame, cmd, &sql).await;
@@ -1118,6 +1137,9 @@ impl Session {
 
     /// The plan of a Bind: its statement's analysis evaluated with its values.
     fn plan_bind(&self, frame: &Frame) -> Result<Plan, router::Error> {
+        if self.shared.router.passthrough() {
+            return Ok(PASSTHROUGH.with(Plan::clone));
+        }
         let bad = |_| router::Error::BadKey("malformed Bind message".into());
         let bind = decode::bind(frame.body()).map_err(bad)?;
         let (analysis, types) = if bind.statement.is_empty() {

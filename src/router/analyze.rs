@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::ControlFlow;
+use std::sync::Arc;
 
 use sqlparser::ast::{
     BinaryOperator, CastKind, Expr, FromTable, GroupByExpr, InTarget, ObjectName, ObjectNamePart,
@@ -93,7 +94,9 @@ pub struct Analysis {
     /// Why the result of several shards cannot simply be concatenated (ORDER BY, LIMIT, ...).
     pub needs_merge: Option<String>,
     /// A short description for `tessera route` and logs.
-    pub reason: String,
+    pub reason: Arc<str>,
+    /// The text was understood by the parser (or classified by keyword).
+    pub parsed: bool,
 }
 
 impl Analysis {
@@ -104,7 +107,8 @@ impl Analysis {
             replica_ok: !writes,
             force_primary: false,
             needs_merge: None,
-            reason: reason.into(),
+            reason: Arc::from(reason.into()),
+            parsed: true,
         }
     }
 }
@@ -263,7 +267,8 @@ fn combine(parts: Vec<Analysis>) -> Analysis {
         replica_ok: replica_ok && !writes,
         force_primary: false,
         needs_merge,
-        reason: "multi-statement query".into(),
+        reason: Arc::from("multi-statement query"),
+        parsed: parts.iter().all(|a| a.parsed),
     }
 }
 
@@ -356,6 +361,7 @@ fn unparsable(first: &str, schema: &Schema, why: &str) -> Analysis {
     };
     let mut a = Analysis::new(route, true, reason);
     a.replica_ok = false;
+    a.parsed = false;
     a
 }
 

@@ -169,6 +169,147 @@ impl<'a> Iterator for Tokens<'a> {
     }
 }
 
+/// Replaces the constants of a simple-protocol query with `$1..$n` so statements that differ
+/// only in their constants share one analysis (`WHERE id = 5` and `WHERE id = 6`). Returns the
+/// normalized text and the constants (string contents unescaped), or `None` when the query
+/// already has `$` (parameters, dollar quotes) and is left as it is.
+///
+/// Only constants in value positions are replaced (after `(`, `,`, an operator, or at the start
+/// of a statement), so typed literals (`DATE '...'`), LIMIT counts and identifiers stay put.
+pub fn normalize(sql: &str) -> Option<(String, Vec<String>)> {
+    let b = sql.as_bytes();
+    if b.contains(&b'$') {
+        return None;
+    }
+    if !b.contains(&b'\'') && !b.iter().any(u8::is_ascii_digit) {
+        return Some((sql.to_string(), Vec::new()));
+    }
+    let mut out = String::with_capacity(sql.len());
+    let mut literals = Vec::new();
+    let mut i = 0;
+    let mut copied = 0;
+    // The last significant byte before `i` (not whitespace, not inside a comment).
+    let mut prev: u8 = b'(';
+    while i < b.len() {
+        let c = b[i];
+        if c.is_ascii_whitespace() {
+            i += 1;
+            continue;
+        }
+        match c {
+            b'$' => return None,
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                i = skip_token(b, i);
+                continue;
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i = skip_token(b, i);
+                continue;
+            }
+            b'"' => {
+                i = skip_quoted(b, i, b'"');
+                prev = b'"';
+                continue;
+            }
+            b'\'' => {
+                let end = skip_quoted(b, i, b'\'');
+                let escapes = i > 0
+                    && matches!(
+                        b[i - 1],
+                        b'e' | b'E' | b'b' | b'B' | b'x' | b'X' | b'n' | b'N' | b'&'
+                    );
+                if value_position(prev)
+                    && !escapes
+                    && end <= b.len()
+                    && end > i + 1
+                    && b[end - 1] == b'\''
+                {
+                    let content = sql[i + 1..end - 1].replace("''", "'");
+                    out.push_str(&sql[copied..i]);
+                    literals.push(content);
+                    out.push('$');
+                    out.push_str(&literals.len().to_string());
+                    copied = end;
+                }
+                i = end;
+                prev = b'\'';
+                continue;
+            }
+            b'0'..=b'9' | b'.' if c != b'.' || b.get(i + 1).is_some_and(u8::is_ascii_digit) => {
+                let start = i;
+                let mut j = i;
+                while j < b.len() && (b[j].is_ascii_digit() || b[j] == b'.') {
+                    j += 1;
+                }
+                if j < b.len() && matches!(b[j], b'e' | b'E') {
+                    let mut k = j + 1;
+                    if k < b.len() && matches!(b[k], b'+' | b'-') {
+                        k += 1;
+                    }
+                    if k < b.len() && b[k].is_ascii_digit() {
+                        while k < b.len() && b[k].is_ascii_digit() {
+                            k += 1;
+                        }
+                        j = k;
+                    }
+                }
+                let glued = j < b.len() && (b[j].is_ascii_alphabetic() || b[j] == b'_');
+                // A minus in front of a number in value position belongs to the constant.
+                let (from, before) = if prev == b'-' {
+                    let minus = sql[..start].trim_end().len() - 1;
+                    let before_minus = sql[..minus]
+                        .trim_end()
+                        .as_bytes()
+                        .last()
+                        .copied()
+                        .unwrap_or(b'(');
+                    if value_position(before_minus) && minus >= copied {
+                        (minus, before_minus)
+                    } else {
+                        (start, prev)
+                    }
+                } else {
+                    (start, prev)
+                };
+                if value_position(before) && !glued {
+                    out.push_str(&sql[copied..from]);
+                    literals.push(sql[from..j].split_whitespace().collect::<String>());
+                    out.push('$');
+                    out.push_str(&literals.len().to_string());
+                    copied = j;
+                }
+                i = j;
+                prev = b'0';
+                continue;
+            }
+            _ if is_ident(c) => {
+                while i < b.len() && (is_ident(b[i]) || b[i] == b'$') {
+                    if b[i] == b'$' {
+                        return None;
+                    }
+                    i += 1;
+                }
+                prev = b'a';
+                continue;
+            }
+            _ => {
+                prev = c;
+                i += 1;
+            }
+        }
+    }
+    out.push_str(&sql[copied..]);
+    Some((out, literals))
+}
+
+/// After these bytes a constant is a value, not part of a name or a typed literal.
+fn value_position(prev: u8) -> bool {
+    matches!(
+        prev,
+        b'(' | b',' | b'=' | b'<' | b'>' | b'+' | b'-' | b'*' | b'/' | b'|' | b'!' | b';'
+    )
+}
+
 /// The first keyword of a statement, lowercased (empty if there is none).
 pub fn first_keyword(stmt: &str) -> String {
     Tokens::new(stmt)
@@ -191,6 +332,34 @@ mod tests {
         assert_eq!(statements("  ; -- only a comment").len(), 0);
         assert_eq!(statements("select E'a\\';b'; select 1").len(), 2);
         assert_eq!(statements("select $1; select $tag$ ; $tag$").len(), 2);
+    }
+
+    #[test]
+    fn constants_are_normalized() {
+        let (text, lits) =
+            normalize("SELECT abalance FROM t WHERE aid = 12345;").expect("normalized");
+        assert_eq!(text, "SELECT abalance FROM t WHERE aid = $1;");
+        assert_eq!(lits, vec!["12345"]);
+        let (text, lits) =
+            normalize("INSERT INTO t (a, b) VALUES (-5, 'it''s'), (2.5e3, 'x')").expect("n");
+        assert_eq!(text, "INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4)");
+        assert_eq!(lits, vec!["-5", "it's", "2.5e3", "x"]);
+        let (text, lits) =
+            normalize("SELECT * FROM t1 WHERE d = DATE '2020-01-01' AND x = E'a\\'b' LIMIT 10")
+                .expect("n");
+        assert_eq!(
+            text,
+            "SELECT * FROM t1 WHERE d = DATE '2020-01-01' AND x = E'a\\'b' LIMIT 10"
+        );
+        assert!(lits.is_empty());
+        let (text, _) =
+            normalize("SELECT a-1, b - 2 FROM t -- 5\n WHERE c = 'q' /* 'z' */").expect("n");
+        assert_eq!(
+            text,
+            "SELECT a-$1, b - $2 FROM t -- 5\n WHERE c = $3 /* 'z' */"
+        );
+        assert_eq!(normalize("SELECT $1"), None);
+        assert_eq!(normalize("SELECT $$x$$"), None);
     }
 
     #[test]

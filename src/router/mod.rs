@@ -49,7 +49,7 @@ pub struct Plan {
     pub writes: bool,
     /// Transaction control: handled by the session, not by routing.
     pub tx: Option<TxCommand>,
-    pub reason: String,
+    pub reason: Arc<str>,
 }
 
 impl fmt::Display for Plan {
@@ -107,6 +107,7 @@ pub struct Router {
     schema: Schema,
     placement: Placement,
     shards: usize,
+    passthrough: bool,
     cache: Mutex<HashMap<Box<str>, Arc<Analysis>>>,
 }
 
@@ -144,12 +145,32 @@ impl Router {
                 }
             }
         };
+        let replicas = config.shards.iter().any(|s| !s.replicas.is_empty());
         Ok(Router {
             schema,
             placement,
             shards: config.shards.len(),
+            passthrough: config.shards.len() == 1 && !(config.routing.replica_reads && replicas),
             cache: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// One shard and no replica reads: every statement goes to the one primary and the proxy
+    /// is a plain pooler, so statements need no analysis at all.
+    pub fn passthrough(&self) -> bool {
+        self.passthrough
+    }
+
+    /// The analysis of a simple-protocol query, shared by every query that differs only in its
+    /// constants, and those constants (they play the part of bind values).
+    pub fn analyze_simple(&self, sql: &str) -> (Arc<Analysis>, Vec<String>) {
+        if let Some((normalized, literals)) = lex::normalize(sql) {
+            let analysis = self.analyze(&normalized);
+            if analysis.parsed {
+                return (analysis, literals);
+            }
+        }
+        (self.analyze(sql), Vec::new())
     }
 
     /// The (cached) analysis of a SQL text.

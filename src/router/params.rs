@@ -30,6 +30,15 @@ impl<'a> Params<'a> {
         Params::default()
     }
 
+    /// The constants of a normalized simple query, as text-format values `$1..$n`.
+    pub fn from_literals(literals: &'a [String]) -> Params<'a> {
+        Params {
+            formats: Vec::new(),
+            values: literals.iter().map(|l| Some(l.as_bytes())).collect(),
+            types: &[],
+        }
+    }
+
     /// Reads the part of a Bind after the portal and statement names.
     ///
     /// # Errors
