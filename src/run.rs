@@ -209,7 +209,7 @@ async fn load_demo_data(url: &str) -> Result<()> {
         .prepare("INSERT INTO users (id, name, country) VALUES ($1, $2, $3)")
         .await?;
     let order = client
-        .prepare("INSERT INTO orders (id, user_id, amount) VALUES ($1, $2, $3::numeric)")
+        .prepare("INSERT INTO orders (id, user_id, amount) VALUES ($1, $2, $3::text::numeric)")
         .await?;
     let countries = ["fr", "jp", "br", "ng"];
     for id in 1..=100i64 {

@@ -178,6 +178,9 @@ enum End {
     ClientGone,
     /// The client was sent a FATAL error.
     Fatal,
+    /// A replica connection died under a read outside a transaction: the client got an error
+    /// for that statement and the session goes on.
+    Recovered,
 }
 
 enum Event {
@@ -268,8 +271,9 @@ impl Session {
                     Err(self.server_lost(i, backend::Error::protocol(&addr, e)))
                 }
             };
-            if let Err(end) = step {
-                return end;
+            match step {
+                Ok(()) | Err(End::Recovered) => {}
+                Err(end) => return end,
             }
             self.release_idle();
         }
@@ -310,6 +314,32 @@ impl Session {
     fn server_lost(&mut self, i: usize, e: backend::Error) -> End {
         if let Some(held) = self.conns.get_mut(i) {
             held.conn.broken = true;
+        }
+        let others_busy = self
+            .conns
+            .iter()
+            .enumerate()
+            .any(|(j, h)| j != i && !h.expect.is_empty());
+        if self.conns.get(i).is_some_and(|h| h.key.server > 0)
+            && self.tx.is_none()
+            && self.merge.is_none()
+            && !others_busy
+        {
+            warn!(cause = %e, "replica connection lost during a read");
+            let held = self.conns.remove(i);
+            let shard = held.key.shard;
+            self.shared.health.shard(shard).replicas[held.key.server - 1]
+                .healthy
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            drop(held);
+            super::error(
+                &mut self.out,
+                e.sqlstate(),
+                &format!("{e} (the read did not complete; retry it)"),
+            );
+            let status = self.client_status();
+            build::ready_for_query(&mut self.out, status);
+            return End::Recovered;
         }
         warn!(cause = %e, "server connection lost");
         super::fatal_error(&mut self.out, e.sqlstate(), &e.to_string());
@@ -827,10 +857,22 @@ impl Session {
                 self.shared.health.shard(key.shard).replicas[key.server - 1].clone(),
             )
         };
-        let mut conn = pool
-            .get()
-            .await
-            .inspect_err(|e| warn!(cause = %e, "no server connection"))?;
+        let mut conn = match pool.get().await {
+            Ok(conn) => conn,
+            Err(e) if key.server > 0 && self.tx.is_none() => {
+                // A replica that cannot be reached leaves the rotation now (its probe brings it
+                // back) and the read goes to the primary: the client sees no error.
+                warn!(cause = %e, "replica unavailable, reading from the primary");
+                state
+                    .healthy
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                return Box::pin(self.pin(ConnKey::primary(key.shard))).await;
+            }
+            Err(e) => {
+                warn!(cause = %e, "no server connection");
+                return Err(e);
+            }
+        };
         if self.conns.is_empty() {
             self.shared
                 .cancels
@@ -904,7 +946,8 @@ impl Session {
                 Err(e) => return self.refuse_request(&e),
             };
             self.drain(i).await?;
-            idx.push(key);
+            // pin may have fallen back from a replica to the primary.
+            idx.push(self.conns[i].key);
         }
         for &key in &idx {
             let i = self.index(key);
