@@ -258,6 +258,16 @@ fn demo(shards: usize, replicas: usize, port: u16) -> Result<()> {
         }
         let handle = start(&config).await?;
         load_demo_data(&url).await.context("cannot load demo data through the proxy")?;
+        for shard in cluster.shards() {
+            let direct = format!(
+                "postgres://{}:{}@{}/{}",
+                spec.user,
+                spec.password,
+                shard.primary.addr(),
+                spec.database
+            );
+            wait_for_replicas(&direct).await?;
+        }
         println!(
             "\nTessera demo is serving on {}.\nConnect with:\n\n    psql {url}\n\nPress Ctrl-C to stop and remove the cluster.",
             config.listen
@@ -266,6 +276,34 @@ fn demo(shards: usize, replicas: usize, port: u16) -> Result<()> {
     });
     drop(cluster);
     result
+}
+
+/// Waits until every replica of a primary has replayed all its WAL, so the demo's first reads
+/// (served by replicas) see all of the sample data.
+async fn wait_for_replicas(url: &str) -> Result<()> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    let task = tokio::spawn(conn);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let row = client
+            .query_one(
+                "SELECT coalesce(bool_and(replay_lsn >= pg_current_wal_lsn()), true) FROM pg_stat_replication",
+                &[],
+            )
+            .await?;
+        if row.get::<_, bool>(0) {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("replicas did not catch up with {url} within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(client);
+    let _ = task.await;
+    Ok(())
 }
 
 /// Runs a script on one connection.
