@@ -47,6 +47,10 @@ pub struct Config {
     pub auth_method: AuthMethod,
     /// Who may log in to the proxy.
     pub users: Vec<User>,
+    /// Threads serving clients: 0 = automatic (one on machines with up to two cores, else one
+    /// per core); 1 = a single thread, like PgBouncer.
+    #[serde(default)]
+    pub workers: usize,
     /// How the proxy logs in to every shard server.
     pub backend: Backend,
     #[serde(default)]

@@ -155,7 +155,7 @@ pub async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
     build::cancel_request(&mut msg, key.pid, key.secret);
     let timeout = shared.config.pool.connect_timeout();
     let sent = tokio::time::timeout(timeout, async {
-        let mut stream = TcpStream::connect(&key.addr).await?;
+        let mut stream = TcpStream::connect(&*key.addr).await?;
         stream.write_all(&msg).await?;
         stream.shutdown().await
     })

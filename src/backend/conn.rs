@@ -26,7 +26,8 @@ pub struct Credentials {
 /// A key that cancels the query running on one server connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelKey {
-    pub addr: String,
+    /// Shared: the key is copied into the cancel registry on every checkout.
+    pub addr: std::sync::Arc<str>,
     pub pid: i32,
     pub secret: i32,
 }
@@ -112,7 +113,7 @@ impl ServerConn {
             writer,
             addr: addr.to_string(),
             key: CancelKey {
-                addr: addr.to_string(),
+                addr: std::sync::Arc::from(addr),
                 pid,
                 secret,
             },

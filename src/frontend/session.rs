@@ -422,8 +422,10 @@ impl Session {
     }
 
     async fn on_query(&mut self, frame: Frame) -> Result<(), End> {
-        let sql = match decode::query(frame.body()) {
-            Ok(sql) => String::from_utf8_lossy(sql).into_owned(),
+        // A reference-counted view of the text, so `frame` can move on without a copy.
+        let body = frame.bytes().slice(5..);
+        let sql = match decode::query(&body) {
+            Ok(sql) => String::from_utf8_lossy(sql),
             Err(e) => return Err(self.client_error(e)),
         };
         let effects = super::settings::effects(&sql);

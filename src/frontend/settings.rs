@@ -29,6 +29,9 @@ pub struct Effects {
 /// The session-state effects of a whole query string.
 pub fn effects(sql: &str) -> Effects {
     let mut out = Effects::default();
+    if !may_have_effects(sql) {
+        return out;
+    }
     for stmt in lex::statements(sql) {
         let mut tokens = Tokens::new(stmt);
         let first = tokens.next().map(str::to_ascii_lowercase);
@@ -49,6 +52,19 @@ pub fn effects(sql: &str) -> Effects {
         }
     }
     out
+}
+
+/// A cheap first look, so the common query (one statement, not a session command) costs no
+/// statement splitting: only a leading SET/RESET/DISCARD/DEALLOCATE, or a second statement, can
+/// change session state.
+fn may_have_effects(sql: &str) -> bool {
+    const WORDS: [&str; 4] = ["set", "reset", "discard", "deallocate"];
+    let first = Tokens::new(sql).next().unwrap_or("");
+    if WORDS.iter().any(|w| first.eq_ignore_ascii_case(w)) {
+        return true;
+    }
+    // A semicolon followed by more than whitespace may start another statement.
+    sql.trim_end().trim_end_matches(';').contains(';')
 }
 
 fn set_change(stmt: &str, mut tokens: Tokens<'_>) -> Option<Change> {
