@@ -401,7 +401,7 @@ impl Session {
             tag::FUNCTION_CALL => {
                 let i = match self.pin(ConnKey::primary(0)).await {
                     Ok(i) => i,
-                    Err(e) => return self.refuse_request(&e),
+                    Err(e) => return self.refuse_request(&e).await,
                 };
                 self.send(
                     i,
@@ -446,24 +446,24 @@ impl Session {
                 .plan(&analysis, &Params::from_literals(&literals))
             {
                 Ok(plan) => plan,
-                Err(e) => return self.refuse_statement(&e),
+                Err(e) => return self.refuse_statement(&e).await,
             }
         };
         if let Some(cmd) = plan.tx {
             return self.on_tx_command(frame, cmd, &sql).await;
         }
         if self.tx.as_ref().is_some_and(|tx| tx.failed) {
-            return self.aborted();
+            return self.aborted().await;
         }
         match plan.fanout.clone() {
             Fanout::One(shard) => {
                 if let Err(e) = self.note_write(&plan, &[shard.0]) {
-                    return self.refuse_statement(&e);
+                    return self.refuse_statement(&e).await;
                 }
                 let key = self.choose(shard.0, &plan);
                 let i = match self.pin(key).await {
                     Ok(i) => i,
-                    Err(e) => return self.refuse_request(&e),
+                    Err(e) => return self.refuse_request(&e).await,
                 };
                 let held = &mut self.conns[i];
                 if effects.drops_prepared {
@@ -486,13 +486,16 @@ impl Session {
                 )
                 .await
             }
-            Fanout::Scatter(_) if lex::statements(&sql).len() > 1 => self.refuse_statement(
-                &router::Error::Unsupported("a multi-statement query on several shards".into()),
-            ),
+            Fanout::Scatter(_) if lex::statements(&sql).len() > 1 => {
+                self.refuse_statement(&router::Error::Unsupported(
+                    "a multi-statement query on several shards".into(),
+                ))
+                .await
+            }
             fanout => {
                 let shards = self.fanout_shards(&fanout);
                 if let Err(e) = self.note_write(&plan, &shards) {
-                    return self.refuse_statement(&e);
+                    return self.refuse_statement(&e).await;
                 }
                 let broadcast = matches!(fanout, Fanout::Broadcast);
                 let bytes = frame.into_bytes();
@@ -522,8 +525,10 @@ impl Session {
             return Ok(());
         }
         let Some(tx) = self.tx.as_mut() else {
+            debug!(?shards, "write outside a transaction");
             return Ok(());
         };
+        debug!(?shards, written = ?tx.written, "write in a transaction");
         let mut written = tx.written.clone();
         written.extend(shards.iter().copied());
         if written.len() > 1 {
@@ -583,6 +588,11 @@ impl Session {
     async fn on_tx_command(&mut self, frame: Frame, cmd: TxCommand, sql: &str) -> Result<(), End> {
         match cmd {
             TxCommand::Begin { read_only } => {
+                debug!(
+                    tx = self.tx.is_some(),
+                    conns = ?self.conns.iter().map(|h| (h.key, h.conn.status, h.expect.len())).collect::<Vec<_>>(),
+                    "BEGIN"
+                );
                 if self.tx.is_some() || !self.conns.iter().all(|h| h.conn.status == TxStatus::Idle)
                 {
                     // Already in a transaction: Postgres warns and carries on.
@@ -664,20 +674,22 @@ impl Session {
                 if self.tx.as_ref().is_some_and(|tx| tx.failed)
                     && !sql.to_ascii_lowercase().contains("rollback")
                 {
-                    return self.aborted();
+                    return self.aborted().await;
                 }
                 let key = match self.conns.as_slice() {
                     [] => ConnKey::primary(0),
                     [one] => one.key,
                     _ => {
-                        return self.refuse_statement(&router::Error::Unsupported(
-                            "a savepoint in a transaction that spans shards".into(),
-                        ));
+                        return self
+                            .refuse_statement(&router::Error::Unsupported(
+                                "a savepoint in a transaction that spans shards".into(),
+                            ))
+                            .await;
                     }
                 };
                 let i = match self.pin(key).await {
                     Ok(i) => i,
-                    Err(e) => return self.refuse_request(&e),
+                    Err(e) => return self.refuse_request(&e).await,
                 };
                 self.send(
                     i,
@@ -688,14 +700,18 @@ impl Session {
                 )
                 .await
             }
-            TxCommand::TwoPhase => self.refuse_statement(&router::Error::Unsupported(
-                "PREPARE TRANSACTION / COMMIT PREPARED through the proxy".into(),
-            )),
+            TxCommand::TwoPhase => {
+                self.refuse_statement(&router::Error::Unsupported(
+                    "PREPARE TRANSACTION / COMMIT PREPARED through the proxy".into(),
+                ))
+                .await
+            }
         }
     }
 
     /// Inside a transaction the proxy aborted: everything but ROLLBACK fails, as on Postgres.
-    fn aborted(&mut self) -> Result<(), End> {
+    async fn aborted(&mut self) -> Result<(), End> {
+        self.settle().await?;
         super::error(
             &mut self.out,
             "25P02",
@@ -743,19 +759,18 @@ impl Session {
     fn reply_locally(&mut self, command: &str) -> Result<(), End> {
         let mut msg = BytesMut::new();
         build::command_complete(&mut msg, command);
+        let status = self.client_status();
         match self.pending() {
             Some(i) => {
+                // Behind the replies still pending, so the client gets them in request order.
                 let held = &mut self.conns[i];
                 held.expect.push_back(Expect::Synthetic(msg.freeze()));
-                // The requests still pending end in a ReadyForQuery the client sees first;
-                // repeating the last known status is the closest approximation.
                 let mut rfq = BytesMut::new();
-                build::ready_for_query(&mut rfq, held.conn.status);
+                build::ready_for_query(&mut rfq, status);
                 held.expect.push_back(Expect::Synthetic(rfq.freeze()));
             }
             None => {
                 self.out.extend_from_slice(&msg);
-                let status = self.client_status();
                 build::ready_for_query(&mut self.out, status);
             }
         }
@@ -763,7 +778,8 @@ impl Session {
     }
 
     /// No server connection for a simple Query: the client gets the error and stays connected.
-    fn refuse_request(&mut self, e: &backend::Error) -> Result<(), End> {
+    async fn refuse_request(&mut self, e: &backend::Error) -> Result<(), End> {
+        self.settle().await?;
         super::error(&mut self.out, e.sqlstate(), &e.to_string());
         if let Some(tx) = self.tx.as_mut() {
             tx.failed = true;
@@ -775,8 +791,9 @@ impl Session {
 
     /// A statement the router refused: an error, and inside a transaction the transaction is
     /// aborted (as Postgres would abort it on any error).
-    fn refuse_statement(&mut self, e: &router::Error) -> Result<(), End> {
+    async fn refuse_statement(&mut self, e: &router::Error) -> Result<(), End> {
         debug!(cause = %e, "statement refused");
+        self.settle().await?;
         super::error(&mut self.out, e.sqlstate(), &e.to_string());
         if let Some(tx) = self.tx.as_mut() {
             tx.failed = true;
@@ -795,6 +812,15 @@ impl Session {
         });
         if let Err(e) = held.conn.send(&bytes).await {
             return Err(self.server_lost(i, e));
+        }
+        Ok(())
+    }
+
+    /// Delivers every reply still pending, so a reply the proxy writes itself comes after them,
+    /// in request order.
+    async fn settle(&mut self) -> Result<(), End> {
+        while let Some(i) = self.pending() {
+            self.drain(i).await?;
         }
         Ok(())
     }
@@ -945,7 +971,7 @@ impl Session {
         for &key in keys {
             let i = match self.pin(key).await {
                 Ok(i) => i,
-                Err(e) => return self.refuse_request(&e),
+                Err(e) => return self.refuse_request(&e).await,
             };
             self.drain(i).await?;
             // pin may have fallen back from a replica to the primary.
@@ -1024,6 +1050,7 @@ impl Session {
         if self.tx.as_ref().is_some_and(|tx| tx.failed)
             && batch.iter().any(|f| f.tag() == tag::BIND)
         {
+            self.settle().await?;
             super::error(
                 &mut self.out,
                 "25P02",
@@ -1038,6 +1065,7 @@ impl Session {
                 tag::BIND => match self.plan_bind(frame) {
                     Ok(plan) => Some((plan, true)),
                     Err(e) => {
+                        self.settle().await?;
                         super::error(&mut self.out, e.sqlstate(), &e.to_string());
                         if let Some(tx) = self.tx.as_mut() {
                             tx.failed = true;
@@ -1053,6 +1081,7 @@ impl Session {
             let multi = (*multi).clone();
             let binds = plans.len();
             if binds != 1 {
+                self.settle().await?;
                 super::error(
                     &mut self.out,
                     "0A000",
@@ -1067,6 +1096,7 @@ impl Session {
                 unreachable!("checked above")
             };
             if let Err(e) = self.note_write(plan, &[shard.0]) {
+                self.settle().await?;
                 super::error(&mut self.out, e.sqlstate(), &e.to_string());
                 if let Some(tx) = self.tx.as_mut() {
                     tx.failed = true;
@@ -1076,7 +1106,8 @@ impl Session {
         }
         // One connection per run of messages with the same target.
         let default_key = self.default_key(plans.first().copied());
-        let mut current: Option<usize> = self.pending();
+        // The connection this batch's messages go to (none chosen yet).
+        let mut current: Option<usize> = None;
         let mut wire = BytesMut::new();
         for (n, frame) in batch.into_iter().enumerate() {
             if self.skip_until_sync && frame.tag() != tag::SYNC {
@@ -1123,6 +1154,7 @@ impl Session {
                 match self.pin(key).await {
                     Ok(i) => current = Some(i),
                     Err(e) => {
+                        self.settle().await?;
                         super::error(&mut self.out, e.sqlstate(), &e.to_string());
                         return self.end_failed_batch(has_sync);
                     }
@@ -1150,6 +1182,7 @@ impl Session {
     /// After an error raised by the proxy for a batch: skip to Sync, which gets its
     /// ReadyForQuery so the client can go on.
     fn end_failed_batch(&mut self, has_sync: bool) -> Result<(), End> {
+        // Callers settle pending replies before they write their error.
         if has_sync {
             self.skip_until_sync = false;
             let status = self.client_status();
@@ -1167,6 +1200,10 @@ impl Session {
             && let Fanout::One(shard) = plan.fanout
         {
             return self.choose(shard.0, plan);
+        }
+        // A batch continuing an unfinished one (after a Flush) goes where that one went.
+        if let Some(i) = self.pending() {
+            return self.conns[i].key;
         }
         self.conns.first().map_or(ConnKey::primary(0), |h| h.key)
     }
@@ -1216,6 +1253,7 @@ impl Session {
     /// A single statement (Parse? Bind Describe? Execute Sync) on several shards.
     async fn scatter_batch(&mut self, batch: Vec<Frame>, plan: Plan) -> Result<(), End> {
         if batch.last().map(Frame::tag) != Some(tag::SYNC) {
+            self.settle().await?;
             super::error(
                 &mut self.out,
                 "0A000",
@@ -1225,6 +1263,7 @@ impl Session {
         }
         let shards = self.fanout_shards(&plan.fanout);
         if let Err(e) = self.note_write(&plan, &shards) {
+            self.settle().await?;
             super::error(&mut self.out, e.sqlstate(), &e.to_string());
             if let Some(tx) = self.tx.as_mut() {
                 tx.failed = true;
@@ -1612,6 +1651,7 @@ impl Session {
         if self.merge.is_none() {
             self.status = status;
         }
+        let was_begun = held.begun;
         held.begun = status != TxStatus::Idle;
         if status != TxStatus::Idle {
             // The server is in a transaction (perhaps opened inside a multi-statement query):
@@ -1638,10 +1678,7 @@ impl Session {
         }
         self.tx_changes.clear();
         held.conn.settings = self.settings.fingerprint();
-        if self.tx.is_some()
-            && self.conns.iter().all(|h| h.conn.status == TxStatus::Idle)
-            && !self.conns.is_empty()
-        {
+        if self.tx.is_some() && was_begun && !self.conns.iter().any(|h| h.begun) {
             // COMMIT or ROLLBACK inside a query the router passed through.
             self.tx = None;
         }
