@@ -169,6 +169,8 @@ pub struct Session {
     ryw: HashMap<usize, u64>,
     /// Server errors relayed so far (to notice one while draining mid-batch).
     errors: u64,
+    /// Where each portal was bound, so its Executes and Describes follow it.
+    portals: HashMap<Bytes, ConnKey>,
 }
 
 /// Why the session ended.
@@ -216,6 +218,7 @@ impl Session {
             merge: None,
             ryw: HashMap::new(),
             errors: 0,
+            portals: HashMap::new(),
         }
     }
 
@@ -239,7 +242,21 @@ impl Session {
             if !self.out.is_empty() && !more_buffered && self.flush_client().await.is_err() {
                 return End::ClientGone;
             }
-            let event = match active {
+            // With nothing pending, a held connection (session pooling, an open transaction) is
+            // still watched: notifications and notices arrive between requests.
+            let polled = active.or(if self.conns.is_empty() { None } else { Some(0) });
+            let event = match polled {
+                Some(i) if active.is_none() => {
+                    let held = &mut self.conns[i];
+                    tokio::select! {
+                        r = self.client.next() => Event::Client(r),
+                        r = held.conn.reader.next() => Event::Server(r),
+                        _ = shutdown.cancelled() => {
+                            super::fatal_error(&mut self.out, "57P01", "terminating connection due to administrator command");
+                            return End::Fatal;
+                        }
+                    }
+                }
                 Some(i) => {
                     let held = &mut self.conns[i];
                     tokio::select! {
@@ -261,12 +278,12 @@ impl Session {
                 Event::Client(Err(e)) => Err(self.client_error(e)),
                 Event::Server(Ok(frame)) => {
                     let i =
-                        active.expect("invariant: server events come from the active connection");
+                        polled.expect("invariant: server events come from the polled connection");
                     self.on_server(i, frame)
                 }
                 Event::Server(Err(e)) => {
                     let i =
-                        active.expect("invariant: server events come from the active connection");
+                        polled.expect("invariant: server events come from the polled connection");
                     let addr = self.conns[i].conn.addr.clone();
                     Err(self.server_lost(i, backend::Error::protocol(&addr, e)))
                 }
@@ -360,10 +377,21 @@ impl Session {
     /// The status the client should see now.
     fn client_status(&self) -> TxStatus {
         match &self.tx {
-            Some(tx) if tx.failed => TxStatus::Failed,
+            Some(_) if self.tx_failed() => TxStatus::Failed,
             Some(_) => TxStatus::InTransaction,
             None => self.status,
         }
+    }
+
+    /// The transaction is aborted: by an error the proxy raised, or by an error on any shard
+    /// (one shard's error aborts the whole logical transaction, as on one Postgres).
+    fn tx_failed(&self) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.failed)
+            || (self.tx.is_some()
+                && self
+                    .conns
+                    .iter()
+                    .any(|h| h.begun && h.conn.status == TxStatus::Failed))
     }
 
     // === client messages ===
@@ -452,7 +480,8 @@ impl Session {
         if let Some(cmd) = plan.tx {
             return self.on_tx_command(frame, cmd, &sql).await;
         }
-        if self.tx.as_ref().is_some_and(|tx| tx.failed) {
+        // (A passthrough leaves transaction control to the one server, which enforces this.)
+        if self.tx_failed() && !self.shared.router.passthrough() {
             return self.aborted().await;
         }
         match plan.fanout.clone() {
@@ -588,11 +617,9 @@ impl Session {
     async fn on_tx_command(&mut self, frame: Frame, cmd: TxCommand, sql: &str) -> Result<(), End> {
         match cmd {
             TxCommand::Begin { read_only } => {
-                debug!(
-                    tx = self.tx.is_some(),
-                    conns = ?self.conns.iter().map(|h| (h.key, h.conn.status, h.expect.len())).collect::<Vec<_>>(),
-                    "BEGIN"
-                );
+                if self.tx_failed() {
+                    return self.aborted().await;
+                }
                 if self.tx.is_some() || !self.conns.iter().all(|h| h.conn.status == TxStatus::Idle)
                 {
                     // Already in a transaction: Postgres warns and carries on.
@@ -613,7 +640,7 @@ impl Session {
                 self.reply_locally("BEGIN")
             }
             TxCommand::Commit | TxCommand::Rollback => {
-                let failed = self.tx.as_ref().is_some_and(|tx| tx.failed);
+                let failed = self.tx_failed();
                 let held: Vec<usize> = (0..self.conns.len()).collect();
                 match held.as_slice() {
                     [] => {
@@ -671,9 +698,7 @@ impl Session {
                 }
             }
             TxCommand::Savepoint => {
-                if self.tx.as_ref().is_some_and(|tx| tx.failed)
-                    && !sql.to_ascii_lowercase().contains("rollback")
-                {
+                if self.tx_failed() && !sql.to_ascii_lowercase().contains("rollback") {
                     return self.aborted().await;
                 }
                 let key = match self.conns.as_slice() {
@@ -1047,22 +1072,26 @@ impl Session {
             build::ready_for_query(&mut self.out, status);
             return Ok(());
         }
-        if self.tx.as_ref().is_some_and(|tx| tx.failed)
-            && batch.iter().any(|f| f.tag() == tag::BIND)
-        {
-            self.settle().await?;
-            super::error(
-                &mut self.out,
-                "25P02",
-                "current transaction is aborted, commands ignored until end of transaction block",
-            );
-            return self.end_failed_batch(has_sync);
-        }
-        // Route every Bind; a batch normally targets one place.
+        // Route every Bind; a batch normally targets one place. A Parse earlier in the batch
+        // defines the statement its Binds use, so planning sees the batch in order.
+        let mut overlay: HashMap<Bytes, (Arc<Analysis>, Vec<u32>)> = HashMap::new();
         let mut targets: Vec<Option<(Plan, bool)>> = Vec::with_capacity(batch.len());
         for frame in &batch {
+            if frame.tag() == tag::PARSE
+                && !self.shared.router.passthrough()
+                && let Ok(parse) = decode::parse(frame.body())
+            {
+                let sql = String::from_utf8_lossy(parse.query);
+                overlay.insert(
+                    Bytes::copy_from_slice(parse.name),
+                    (
+                        self.shared.router.analyze(&sql),
+                        crate::server::parse_param_types(parse.param_types),
+                    ),
+                );
+            }
             targets.push(match frame.tag() {
-                tag::BIND => match self.plan_bind(frame) {
+                tag::BIND => match self.plan_bind(frame, &overlay) {
                     Ok(plan) => Some((plan, true)),
                     Err(e) => {
                         self.settle().await?;
@@ -1077,6 +1106,73 @@ impl Session {
             });
         }
         let plans: Vec<&Plan> = targets.iter().flatten().map(|(p, _)| p).collect();
+        // An aborted transaction accepts only ROLLBACK (and ROLLBACK TO SAVEPOINT).
+        let ends_tx = |p: &&Plan| {
+            matches!(
+                p.tx,
+                Some(TxCommand::Rollback | TxCommand::Savepoint | TxCommand::Commit)
+            )
+        };
+        if self.tx_failed() && !self.shared.router.passthrough() && !plans.iter().all(ends_tx) {
+            self.settle().await?;
+            super::error(
+                &mut self.out,
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            );
+            return self.end_failed_batch(has_sync);
+        }
+        // Transaction control through the extended protocol goes where the transaction is.
+        if let Some(tx_plan) = plans.iter().find(|p| p.tx.is_some()) {
+            let cmd = tx_plan.tx.expect("invariant: found by tx");
+            let begun: Vec<ConnKey> = self
+                .conns
+                .iter()
+                .filter(|h| h.begun)
+                .map(|h| h.key)
+                .collect();
+            if begun.len() > 1 {
+                if plans.len() != 1
+                    || cmd == TxCommand::Savepoint
+                    || batch.last().map(Frame::tag) != Some(tag::SYNC)
+                {
+                    self.settle().await?;
+                    super::error(
+                        &mut self.out,
+                        "0A000",
+                        "not supported across shards: this transaction control statement in a transaction that spans shards",
+                    );
+                    return self.end_failed_batch(has_sync);
+                }
+                // COMMIT / ROLLBACK on every shard of the transaction, one reply. A transaction
+                // the proxy aborted is rolled back whatever the client asked.
+                let rollback = self.tx_failed() || cmd == TxCommand::Rollback;
+                let body: Vec<Frame> = batch[..batch.len() - 1].to_vec();
+                let shards: Vec<usize> = begun.iter().map(|k| k.shard).collect();
+                if rollback && cmd == TxCommand::Commit {
+                    let mut msg = BytesMut::new();
+                    build::query(&mut msg, "ROLLBACK");
+                    let msg = msg.freeze();
+                    return self
+                        .scatter_on(&begun, &shards, true, move |_, _, wire| {
+                            wire.extend_from_slice(&msg);
+                            Ok(vec![Kind::Query {
+                                changes: Vec::new(),
+                            }])
+                        })
+                        .await;
+                }
+                return self
+                    .scatter_on(&begun, &shards, true, move |session, i, wire| {
+                        for frame in &body {
+                            session.batch_message(i, frame.clone(), wire)?;
+                        }
+                        build::message(wire, tag::SYNC, |_| {});
+                        Ok(vec![Kind::Sync])
+                    })
+                    .await;
+            }
+        }
         if let Some(multi) = plans.iter().find(|p| !matches!(p.fanout, Fanout::One(_))) {
             let multi = (*multi).clone();
             let binds = plans.len();
@@ -1114,11 +1210,20 @@ impl Session {
                 continue;
             }
             let key = match &targets[n] {
+                Some((plan, _)) if plan.tx.is_some() => self
+                    .conns
+                    .iter()
+                    .find(|h| h.begun)
+                    .map_or(ConnKey::primary(0), |h| h.key),
                 Some((plan, _)) => {
                     let Fanout::One(shard) = plan.fanout else {
                         unreachable!("single-shard batch")
                     };
                     self.choose(shard.0, plan)
+                }
+                None if portal_of(&frame).is_some_and(|p| self.portals.contains_key(p)) => {
+                    let portal = portal_of(&frame).expect("invariant: checked by the guard");
+                    self.portals[portal]
                 }
                 None => match current {
                     Some(i)
@@ -1218,13 +1323,26 @@ impl Session {
     }
 
     /// The plan of a Bind: its statement's analysis evaluated with its values.
-    fn plan_bind(&self, frame: &Frame) -> Result<Plan, router::Error> {
+    fn plan_bind(
+        &self,
+        frame: &Frame,
+        overlay: &HashMap<Bytes, (Arc<Analysis>, Vec<u32>)>,
+    ) -> Result<Plan, router::Error> {
         if self.shared.router.passthrough() {
             return Ok(PASSTHROUGH.with(Plan::clone));
         }
         let bad = |_| router::Error::BadKey("malformed Bind message".into());
         let bind = decode::bind(frame.body()).map_err(bad)?;
-        let (analysis, types) = if bind.statement.is_empty() {
+        let (analysis, types) = if let Some((analysis, types)) = overlay.get(bind.statement) {
+            // Parsed earlier in this batch; server-described types (if the statement existed
+            // already) are better than the Parse's unspecified ones.
+            let learned = self
+                .statements
+                .get(bind.statement)
+                .map(|s| s.param_types.lock().clone())
+                .filter(|t| t.len() >= types.len() && !t.contains(&0));
+            (analysis.clone(), learned.unwrap_or_else(|| types.clone()))
+        } else if bind.statement.is_empty() {
             match &self.unnamed {
                 Some(u) => (u.analysis.clone(), u.types.clone()),
                 None => {
@@ -1252,6 +1370,28 @@ impl Session {
 
     /// A single statement (Parse? Bind Describe? Execute Sync) on several shards.
     async fn scatter_batch(&mut self, batch: Vec<Frame>, plan: Plan) -> Result<(), End> {
+        // A portal fetched in pieces (a row limit, or a named portal fetched later) would need
+        // the merge to keep every shard's portal open: not yet.
+        let partial = batch.iter().any(|f| match f.tag() {
+            tag::EXECUTE => decode::cstr(f.body(), "Execute")
+                .map(|(portal, rest)| {
+                    !portal.is_empty() || rest.get(..4).is_some_and(|n| n != [0, 0, 0, 0])
+                })
+                .unwrap_or(true),
+            tag::BIND => decode::bind(f.body())
+                .map(|b| !b.portal.is_empty())
+                .unwrap_or(true),
+            _ => false,
+        });
+        if partial {
+            self.settle().await?;
+            super::error(
+                &mut self.out,
+                "0A000",
+                "not supported across shards: a named portal or a row-limited Execute on several shards",
+            );
+            return self.end_failed_batch(batch.iter().any(|f| f.tag() == tag::SYNC));
+        }
         if batch.last().map(Frame::tag) != Some(tag::SYNC) {
             self.settle().await?;
             super::error(
@@ -1366,6 +1506,8 @@ impl Session {
                         self.portal_changes = stmt.effects.changes.clone();
                     }
                 }
+                self.portals
+                    .insert(Bytes::copy_from_slice(bind.portal), self.conns[i].key);
                 self.conns[i].expect.push_back(reply(Kind::Bind));
             }
             tag::DESCRIBE => {
@@ -1731,7 +1873,7 @@ impl Session {
             self.errors += 1;
         }
         let held = &mut self.conns[i];
-        held.copy_in = false;
+        let was_copy_in = std::mem::replace(&mut held.copy_in, false);
         if matches!(
             held.expect.front(),
             Some(Expect::Reply {
@@ -1787,6 +1929,37 @@ impl Session {
                 }
             }
         }
+        if was_copy_in
+            && !held.expect.iter().any(|e| {
+                matches!(
+                    e,
+                    Expect::Reply {
+                        kind: Kind::Sync,
+                        ..
+                    }
+                )
+            })
+        {
+            // A COPY FROM STDIN started by Execute failed: the server now ignores everything
+            // up to a Sync, and the client's Sync was already spent (ignored during the copy).
+            // Send one of ours, so the connection comes back in sync.
+            let mut sync = BytesMut::new();
+            build::message(&mut sync, tag::SYNC, |_| {});
+            if held
+                .conn
+                .writer
+                .try_write(&sync)
+                .map(|n| n == sync.len())
+                .unwrap_or(false)
+            {
+                held.expect.push_back(Expect::Reply {
+                    kind: Kind::Sync,
+                    forward: false,
+                });
+            } else {
+                held.conn.broken = true;
+            }
+        }
         Ok(())
     }
 
@@ -1818,6 +1991,18 @@ impl Session {
                 held.conn.broken = true;
             }
         }
+    }
+}
+
+/// The portal an Execute, Describe('P') or Close('P') refers to.
+fn portal_of(frame: &Frame) -> Option<&[u8]> {
+    match frame.tag() {
+        tag::EXECUTE => decode::cstr(frame.body(), "Execute").ok().map(|(p, _)| p),
+        tag::DESCRIBE | tag::CLOSE => match decode::target(frame.body(), "Describe") {
+            Ok((b'P', name)) => Some(name),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
