@@ -527,18 +527,17 @@ async fn failing_copy_in(
             break;
         }
     }
-    if failure.is_none() {
-        if let Err(e) = sink
+    if failure.is_none()
+        && let Err(e) = sink
             .send(bytes::Bytes::from_static(b"not a number\n"))
             .await
-        {
-            failure = Some(e);
-        }
+    {
+        failure = Some(e);
     }
-    if failure.is_none() {
-        if let Err(e) = sink.flush().await {
-            failure = Some(e);
-        }
+    if failure.is_none()
+        && let Err(e) = sink.flush().await
+    {
+        failure = Some(e);
     }
     // Let the server's error arrive while the client is still in COPY mode.
     tokio::time::sleep(Duration::from_millis(300)).await;
