@@ -264,27 +264,22 @@ fn demo(shards: usize, replicas: usize, port: u16) -> Result<()> {
         spec.user, spec.password, spec.database
     );
     let result = runtime(config.workers)?.block_on(async {
-        for shard in cluster.shards() {
-            let direct = format!(
+        let direct = |shard: &crate::cluster::ShardServers| {
+            format!(
                 "postgres://{}:{}@{}/{}",
                 spec.user,
                 spec.password,
                 shard.primary.addr(),
                 spec.database
-            );
-            execute(&direct, DEMO_SCHEMA).await.context("cannot create the demo schema")?;
+            )
+        };
+        for shard in cluster.shards() {
+            execute(&direct(shard), DEMO_SCHEMA).await.context("cannot create the demo schema")?;
         }
         let handle = start(&config).await?;
         load_demo_data(&url).await.context("cannot load demo data through the proxy")?;
         for shard in cluster.shards() {
-            let direct = format!(
-                "postgres://{}:{}@{}/{}",
-                spec.user,
-                spec.password,
-                shard.primary.addr(),
-                spec.database
-            );
-            wait_for_replicas(&direct).await?;
+            wait_for_replicas(&direct(shard)).await?;
         }
         println!(
             "\nTessera demo is serving on {}.\nConnect with:\n\n    psql {url}\n\nPress Ctrl-C to stop and remove the cluster.",

@@ -804,22 +804,20 @@ impl Session {
 
     /// No server connection for a simple Query: the client gets the error and stays connected.
     async fn refuse_request(&mut self, e: &backend::Error) -> Result<(), End> {
-        self.settle().await?;
-        super::error(&mut self.out, e.sqlstate(), &e.to_string());
-        if let Some(tx) = self.tx.as_mut() {
-            tx.failed = true;
-        }
-        let status = self.client_status();
-        build::ready_for_query(&mut self.out, status);
-        Ok(())
+        self.refuse(e.sqlstate(), &e.to_string()).await
     }
 
-    /// A statement the router refused: an error, and inside a transaction the transaction is
-    /// aborted (as Postgres would abort it on any error).
+    /// A statement the router refused.
     async fn refuse_statement(&mut self, e: &router::Error) -> Result<(), End> {
         debug!(cause = %e, "statement refused");
+        self.refuse(e.sqlstate(), &e.to_string()).await
+    }
+
+    /// An error for a whole request, after the replies still pending; inside a transaction the
+    /// transaction is aborted, as Postgres aborts it on any error.
+    async fn refuse(&mut self, code: &str, message: &str) -> Result<(), End> {
         self.settle().await?;
-        super::error(&mut self.out, e.sqlstate(), &e.to_string());
+        super::error(&mut self.out, code, message);
         if let Some(tx) = self.tx.as_mut() {
             tx.failed = true;
         }
