@@ -31,20 +31,6 @@ fn config() -> Config {
     Config::from_yaml(text, Path::new("bench.yaml")).expect("bench config")
 }
 
-/// The schema the router builds from the same config (its fields are private to the router).
-fn schema(config: &Config) -> Schema {
-    let mut schema = Schema::default();
-    for (table, column) in &config.sharding.tables {
-        schema
-            .sharded
-            .insert(table.to_ascii_lowercase(), column.to_ascii_lowercase());
-    }
-    for table in &config.sharding.reference_tables {
-        schema.reference.insert(table.to_ascii_lowercase());
-    }
-    schema
-}
-
 /// One Bind value: its format code (0 text, 1 binary) and bytes.
 type Value = (i16, Vec<u8>);
 
@@ -212,7 +198,7 @@ fn simple_cached(c: &mut Criterion) {
 fn first_parse(c: &mut Criterion) {
     let config = config();
     let router = Router::new(&config).expect("router");
-    let schema = schema(&config);
+    let schema = Schema::from_config(&config);
     let statements = [
         select_user(),
         update_orders(),

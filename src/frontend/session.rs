@@ -683,11 +683,9 @@ impl Session {
                         };
                         build::query(&mut msg, word);
                         let msg = msg.freeze();
-                        let shards: Vec<usize> = self.conns.iter().map(|h| h.key.shard).collect();
                         let keys: Vec<ConnKey> = self.conns.iter().map(|h| h.key).collect();
                         self.tx = None;
-                        let _ = sql;
-                        self.scatter_on(&keys, &shards, true, |_, _, wire| {
+                        self.scatter_on(&keys, true, |_, _, wire| {
                             wire.extend_from_slice(&msg);
                             Ok(vec![Kind::Query {
                                 changes: Vec::new(),
@@ -979,13 +977,12 @@ impl Session {
         build: impl FnMut(&mut Self, usize, &mut BytesMut) -> Result<Vec<Kind>, protocol::Error>,
     ) -> Result<(), End> {
         let keys: Vec<ConnKey> = shards.iter().map(|&s| self.choose(s, plan)).collect();
-        self.scatter_on(&keys, shards, broadcast, build).await
+        self.scatter_on(&keys, broadcast, build).await
     }
 
     async fn scatter_on(
         &mut self,
         keys: &[ConnKey],
-        _shards: &[usize],
         broadcast: bool,
         mut build: impl FnMut(&mut Self, usize, &mut BytesMut) -> Result<Vec<Kind>, protocol::Error>,
     ) -> Result<(), End> {
@@ -1073,7 +1070,7 @@ impl Session {
         // Route every Bind; a batch normally targets one place. A Parse earlier in the batch
         // defines the statement its Binds use, so planning sees the batch in order.
         let mut overlay: HashMap<Bytes, (Arc<Analysis>, Vec<u32>)> = HashMap::new();
-        let mut targets: Vec<Option<(Plan, bool)>> = Vec::with_capacity(batch.len());
+        let mut targets: Vec<Option<Plan>> = Vec::with_capacity(batch.len());
         for frame in &batch {
             if frame.tag() == tag::PARSE
                 && !self.shared.router.passthrough()
@@ -1090,7 +1087,7 @@ impl Session {
             }
             targets.push(match frame.tag() {
                 tag::BIND => match self.plan_bind(frame, &overlay) {
-                    Ok(plan) => Some((plan, true)),
+                    Ok(plan) => Some(plan),
                     Err(e) => {
                         self.settle().await?;
                         super::error(&mut self.out, e.sqlstate(), &e.to_string());
@@ -1103,7 +1100,7 @@ impl Session {
                 _ => None,
             });
         }
-        let plans: Vec<&Plan> = targets.iter().flatten().map(|(p, _)| p).collect();
+        let plans: Vec<&Plan> = targets.iter().flatten().collect();
         // An aborted transaction accepts only ROLLBACK (and ROLLBACK TO SAVEPOINT).
         let ends_tx = |p: &&Plan| {
             matches!(
@@ -1146,13 +1143,12 @@ impl Session {
                 // the proxy aborted is rolled back whatever the client asked.
                 let rollback = self.tx_failed() || cmd == TxCommand::Rollback;
                 let body: Vec<Frame> = batch[..batch.len() - 1].to_vec();
-                let shards: Vec<usize> = begun.iter().map(|k| k.shard).collect();
                 if rollback && cmd == TxCommand::Commit {
                     let mut msg = BytesMut::new();
                     build::query(&mut msg, "ROLLBACK");
                     let msg = msg.freeze();
                     return self
-                        .scatter_on(&begun, &shards, true, move |_, _, wire| {
+                        .scatter_on(&begun, true, move |_, _, wire| {
                             wire.extend_from_slice(&msg);
                             Ok(vec![Kind::Query {
                                 changes: Vec::new(),
@@ -1161,7 +1157,7 @@ impl Session {
                         .await;
                 }
                 return self
-                    .scatter_on(&begun, &shards, true, move |session, i, wire| {
+                    .scatter_on(&begun, true, move |session, i, wire| {
                         for frame in &body {
                             session.batch_message(i, frame.clone(), wire)?;
                         }
@@ -1208,12 +1204,12 @@ impl Session {
                 continue;
             }
             let key = match &targets[n] {
-                Some((plan, _)) if plan.tx.is_some() => self
+                Some(plan) if plan.tx.is_some() => self
                     .conns
                     .iter()
                     .find(|h| h.begun)
                     .map_or(ConnKey::primary(0), |h| h.key),
-                Some((plan, _)) => {
+                Some(plan) => {
                     let Fanout::One(shard) = plan.fanout else {
                         unreachable!("single-shard batch")
                     };
@@ -1264,7 +1260,7 @@ impl Session {
                 }
             }
             let i = current.expect("invariant: pinned above");
-            if let Some((plan, _)) = &targets[n] {
+            if let Some(plan) = &targets[n] {
                 self.conns[i].wrote |= plan.writes;
             }
             if let Err(e) = self.batch_message(i, frame, &mut wire) {
@@ -1311,8 +1307,8 @@ impl Session {
         self.conns.first().map_or(ConnKey::primary(0), |h| h.key)
     }
 
-    fn next_bind_key(&self, targets: &[Option<(Plan, bool)>], from: usize) -> Option<ConnKey> {
-        targets[from..].iter().flatten().next().map(|(plan, _)| {
+    fn next_bind_key(&self, targets: &[Option<Plan>], from: usize) -> Option<ConnKey> {
+        targets[from..].iter().flatten().next().map(|plan| {
             let Fanout::One(shard) = plan.fanout else {
                 return ConnKey::primary(0);
             };

@@ -27,6 +27,26 @@ pub struct Schema {
     pub reference: BTreeSet<String>,
 }
 
+impl Schema {
+    /// The sharded and reference tables of a map, lowercased as unquoted SQL names are.
+    pub fn from_config(config: &crate::config::Config) -> Schema {
+        Schema {
+            sharded: config
+                .sharding
+                .tables
+                .iter()
+                .map(|(t, c)| (t.to_ascii_lowercase(), c.to_ascii_lowercase()))
+                .collect(),
+            reference: config
+                .sharding
+                .reference_tables
+                .iter()
+                .map(|t| t.to_ascii_lowercase())
+                .collect(),
+        }
+    }
+}
+
 /// A shard-key value as written in SQL: a constant, or the `n`-th bind parameter (1-based).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {

@@ -117,15 +117,7 @@ impl Router {
     /// # Errors
     /// Duplicate ring positions, overlapping ranges.
     pub fn new(config: &Config) -> Result<Router, String> {
-        let mut schema = Schema::default();
-        for (table, column) in &config.sharding.tables {
-            schema
-                .sharded
-                .insert(table.to_ascii_lowercase(), column.to_ascii_lowercase());
-        }
-        for table in &config.sharding.reference_tables {
-            schema.reference.insert(table.to_ascii_lowercase());
-        }
+        let schema = Schema::from_config(config);
         let placement = match config.sharding.strategy {
             Strategy::Hash => {
                 let names: Vec<String> = config.shards.iter().map(|s| s.name.clone()).collect();
