@@ -51,6 +51,10 @@ pub struct Config {
     /// per core); 1 = a single thread, like PgBouncer.
     #[serde(default)]
     pub workers: usize,
+    /// This proxy's identity: part of every global id and two-phase transaction id it makes;
+    /// every proxy sharing shards needs its own (0..=1023).
+    #[serde(default)]
+    pub node_id: u16,
     /// How the proxy logs in to every shard server.
     pub backend: Backend,
     #[serde(default)]
@@ -61,8 +65,13 @@ pub struct Config {
     pub routing: Routing,
     #[serde(default)]
     pub sharding: Sharding,
+    #[serde(default)]
+    pub two_phase: TwoPhase,
     pub shards: Vec<Shard>,
 }
+
+/// The highest `node_id`: global ids keep 10 bits for it (see `ids`).
+pub const MAX_NODE_ID: u16 = 1023;
 
 fn default_listen() -> String {
     "127.0.0.1:6432".to_string()
@@ -173,6 +182,10 @@ pub struct Limits {
     /// Client connections accepted at once; more get `53300 too_many_connections`.
     #[serde(default = "default_max_clients")]
     pub max_clients: usize,
+    /// Most groups (GROUP BY), distinct rows (DISTINCT) or buffered rows a cross-shard merge may
+    /// hold; more is an error (54000) rather than unbounded memory.
+    #[serde(default = "default_max_merge_rows")]
+    pub max_merge_rows: usize,
 }
 
 fn default_max_message_size() -> usize {
@@ -181,12 +194,43 @@ fn default_max_message_size() -> usize {
 fn default_max_clients() -> usize {
     1000
 }
+fn default_max_merge_rows() -> usize {
+    1_000_000
+}
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_message_size: default_max_message_size(),
             max_clients: default_max_clients(),
+            max_merge_rows: default_max_merge_rows(),
+        }
+    }
+}
+
+/// Atomic commit of transactions that write on several shards.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TwoPhase {
+    /// A transaction writing on several shards commits with PREPARE TRANSACTION / COMMIT
+    /// PREPARED; when false such a transaction gets `0A000`.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The durable decision log: appended and fsynced before phase two; read at startup to
+    /// finish in-doubt transactions. A relative path is relative to the working directory.
+    #[serde(default = "default_two_phase_log")]
+    pub log: PathBuf,
+}
+
+fn default_two_phase_log() -> PathBuf {
+    PathBuf::from("tessera-2pc.log")
+}
+
+impl Default for TwoPhase {
+    fn default() -> Self {
+        TwoPhase {
+            enabled: true,
+            log: default_two_phase_log(),
         }
     }
 }
@@ -422,6 +466,21 @@ impl Config {
         }
         if self.limits.max_clients == 0 {
             return Err(invalid("limits.max_clients", "must be at least 1"));
+        }
+        if self.limits.max_merge_rows == 0 {
+            return Err(invalid("limits.max_merge_rows", "must be at least 1"));
+        }
+        if self.node_id > MAX_NODE_ID {
+            return Err(invalid(
+                "node_id",
+                format!("{} is out of range 0..={MAX_NODE_ID}", self.node_id),
+            ));
+        }
+        if self.two_phase.enabled && self.two_phase.log.as_os_str().is_empty() {
+            return Err(invalid(
+                "two_phase.log",
+                "must name a file when two_phase.enabled is true",
+            ));
         }
         self.validate_sharding()
     }
@@ -697,6 +756,54 @@ shards:
         let err = expand_env("a: ${NOPE}", &lookup).expect_err("missing");
         assert!(err.to_string().contains("NOPE"));
         assert!(expand_env("a: ${PW", &lookup).is_err());
+    }
+
+    #[test]
+    fn node_id_two_phase_and_merge_limit_defaults() {
+        let c = parse(EXAMPLE).expect("example parses");
+        assert_eq!(c.node_id, 0);
+        assert!(c.two_phase.enabled);
+        assert_eq!(c.two_phase.log, PathBuf::from("tessera-2pc.log"));
+        assert_eq!(c.limits.max_merge_rows, 1_000_000);
+        assert_eq!(c.two_phase, TwoPhase::default());
+    }
+
+    #[test]
+    fn node_id_two_phase_and_merge_limit_parse() {
+        let text = format!(
+            "node_id: 1023\ntwo_phase:\n  enabled: false\n  log: /var/lib/tessera/2pc.log\n\
+             limits:\n  max_merge_rows: 5\n{EXAMPLE}"
+        );
+        let c = parse(&text).expect("parses");
+        assert_eq!(c.node_id, 1023);
+        assert!(!c.two_phase.enabled);
+        assert_eq!(c.two_phase.log, PathBuf::from("/var/lib/tessera/2pc.log"));
+        assert_eq!(c.limits.max_merge_rows, 5);
+        // A round trip through YAML keeps the new fields (`tessera demo` prints its map).
+        assert_eq!(parse(&c.to_yaml()).expect("round trip"), c);
+    }
+
+    #[test]
+    fn node_id_and_two_phase_are_validated() {
+        let err = parse(&format!("node_id: 1024\n{EXAMPLE}"))
+            .expect_err("node_id 1024")
+            .to_string();
+        assert!(err.contains("node_id"), "{err}");
+        // Negative or beyond u16 already fails in serde.
+        parse(&format!("node_id: -1\n{EXAMPLE}")).expect_err("node_id -1");
+        parse(&format!("node_id: 65536\n{EXAMPLE}")).expect_err("node_id 65536");
+        let err = parse(&format!("two_phase:\n  log: \"\"\n{EXAMPLE}"))
+            .expect_err("empty log")
+            .to_string();
+        assert!(err.contains("two_phase.log"), "{err}");
+        let err = parse(&format!("two_phase:\n  logg: x\n{EXAMPLE}"))
+            .expect_err("typo")
+            .to_string();
+        assert!(err.contains("logg"), "{err}");
+        let err = parse(&format!("limits:\n  max_merge_rows: 0\n{EXAMPLE}"))
+            .expect_err("zero merge rows")
+            .to_string();
+        assert!(err.contains("limits.max_merge_rows"), "{err}");
     }
 
     #[test]

@@ -44,7 +44,11 @@ pub fn run(command: Command) -> Result<()> {
             let config = load(&cli::config_path(config))?;
             let router = crate::router::Router::new(&config).map_err(anyhow::Error::msg)?;
             let analysis = router.analyze(&sql);
-            match router.plan(&analysis, &crate::router::params::Params::none()) {
+            match router.plan_sql(
+                &analysis,
+                &crate::router::params::Params::none(),
+                Some(&sql),
+            ) {
                 Ok(plan) => println!("{plan}"),
                 Err(e) => println!("error {}: {e}", e.sqlstate()),
             }
@@ -82,9 +86,8 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
 }
 
 async fn start(config: &Arc<Config>) -> Result<server::Handle> {
-    server::start(config.clone())
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))
+    // Every server::Error already names what failed (the address, the decision log).
+    Ok(server::start(config.clone()).await?)
 }
 
 /// Serves until SIGINT (exit now) or SIGTERM (stop accepting, let clients finish, bounded).
@@ -125,6 +128,16 @@ pub fn summary(path: &Path, config: &Config) -> String {
         s,
         "pool        {:?}, {} connections per server",
         config.pool.mode, config.pool.size
+    );
+    let _ = writeln!(s, "node_id     {}", config.node_id);
+    let _ = writeln!(
+        s,
+        "two_phase   {}",
+        if config.two_phase.enabled {
+            format!("on, decision log {}", config.two_phase.log.display())
+        } else {
+            "off (multi-shard writes get 0A000)".to_string()
+        }
     );
     let _ = writeln!(s, "strategy    {:?}", config.sharding.strategy);
     for (table, column) in &config.sharding.tables {
@@ -180,10 +193,16 @@ pub fn demo_config(cluster: &LocalCluster, port: u16) -> Config {
             database: spec.database.clone(),
         },
         workers: 0,
+        node_id: 0,
         pool: config::Pool::default(),
         limits: config::Limits::default(),
         routing: config::Routing::default(),
         sharding: config::Sharding::default(),
+        // In the cluster's directory: the demo's decisions live and die with its servers.
+        two_phase: config::TwoPhase {
+            enabled: true,
+            log: cluster.dir().join("tessera-2pc.log"),
+        },
         shards: Vec::new(),
     };
     config.sharding.tables.insert("users".into(), "id".into());

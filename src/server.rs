@@ -1,5 +1,5 @@
 //! The accept loop and the state every client task shares: pools, users, the cancel-key
-//! registry and the prepared-statement registry.
+//! registry, the prepared-statement registry, the two-phase decision log and id generators.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,9 +20,25 @@ use crate::backend::{self, CancelKey, Pool};
 use crate::config::{AuthMethod, Config};
 use crate::frontend;
 use crate::frontend::auth::ScramVerifier;
+use crate::ids::IdGenerator;
 use crate::protocol::{build, decode};
 use crate::router::Router;
 use crate::router::analyze::Analysis;
+use crate::twopc::{self, DecisionLog};
+
+/// Why a proxy could not start. One line each, naming what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("invalid shard map: {0}")]
+    Map(String),
+    #[error(transparent)]
+    DecisionLog(#[from] twopc::Error),
+}
 
 /// The servers of one shard.
 pub struct ShardPools {
@@ -46,10 +62,21 @@ pub struct Shared {
     pub users: HashMap<String, UserSecret>,
     pub cancels: CancelRegistry,
     pub statements: StatementRegistry,
+    /// The two-phase decision log (`None` when `two_phase.enabled` is false): a multi-shard
+    /// commit records its decision here before the first `COMMIT PREPARED`.
+    pub decisions: Option<Arc<DecisionLog>>,
+    /// This start's part of every gid (see [`twopc::gid`]), so gids never repeat across
+    /// restarts.
+    pub boot: u64,
+    /// The last gid sequence number handed out by [`Shared::new_gid`].
+    pub next_gid: AtomicU64,
+    /// Global ids stamped with `config.node_id`.
+    pub ids: IdGenerator,
 }
 
 impl Shared {
-    /// Builds pools (no connection is opened yet), the router, and SCRAM verifiers.
+    /// Builds pools (no connection is opened yet), the router, and SCRAM verifiers. The
+    /// decision log is left `None`: [`start`] opens it and runs recovery first.
     ///
     /// # Errors
     /// A map the router cannot place keys with (validated configs never fail here).
@@ -92,12 +119,22 @@ impl Shared {
         Ok(Shared {
             router: Router::new(&config)?,
             health: Health::new(&config),
-            config,
             shards,
             users,
             cancels: CancelRegistry::default(),
             statements: StatementRegistry::default(),
+            decisions: None,
+            boot: twopc::new_boot(),
+            next_gid: AtomicU64::new(0),
+            ids: IdGenerator::new(config.node_id),
+            config,
         })
+    }
+
+    /// A gid for a new two-phase transaction, unique across proxies and restarts.
+    pub fn new_gid(&self) -> String {
+        let seq = self.next_gid.fetch_add(1, Ordering::Relaxed) + 1;
+        twopc::gid(self.config.node_id, self.boot, seq)
     }
 }
 
@@ -282,12 +319,51 @@ impl Handle {
 
 /// Binds `config.listen` (port 0 picks a free port) and serves in the background.
 ///
+/// With `two_phase.enabled`, first opens and locks the decision log and finishes the in-doubt
+/// transactions a previous run left prepared ([`twopc::recover`]), so no client waits on
+/// their locks once served. A shard that cannot be recovered is logged and skipped: its
+/// transactions are finished on the next start.
+///
 /// # Errors
-/// The address cannot be bound.
-pub async fn start(config: Arc<Config>) -> std::io::Result<Handle> {
-    let listener = TcpListener::bind(&config.listen).await?;
-    let addr = listener.local_addr()?;
-    let shared = Arc::new(Shared::new(config.clone()).map_err(std::io::Error::other)?);
+/// The address cannot be bound, or the decision log cannot be opened (locked by another
+/// proxy, unwritable, corrupt) or compacted.
+pub async fn start(config: Arc<Config>) -> Result<Handle, Error> {
+    let bind_error = |source| Error::Bind {
+        addr: config.listen.clone(),
+        source,
+    };
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .map_err(bind_error)?;
+    let addr = listener.local_addr().map_err(bind_error)?;
+    let mut shared = Shared::new(config.clone()).map_err(Error::Map)?;
+    if config.two_phase.enabled {
+        let log = DecisionLog::open(&config.two_phase.log)?;
+        let recovery = twopc::recover(&config, &log).await?;
+        for shard in &recovery.shards {
+            if shard.committed + shard.rolled_back > 0 {
+                info!(
+                    shard = %shard.shard,
+                    committed = shard.committed,
+                    rolled_back = shard.rolled_back,
+                    "finished in-doubt transactions"
+                );
+            }
+        }
+        for failure in &recovery.failed {
+            warn!(cause = %failure, "cannot finish in-doubt transactions now; will retry at next start");
+        }
+        info!(
+            log = %config.two_phase.log.display(),
+            node_id = config.node_id,
+            committed = recovery.committed(),
+            rolled_back = recovery.rolled_back(),
+            decisions_kept = recovery.decisions_kept,
+            "two-phase recovery done"
+        );
+        shared.decisions = Some(Arc::new(log));
+    }
+    let shared = Arc::new(shared);
     let shutdown = CancellationToken::new();
     shared.health.spawn(config, shutdown.clone());
     let tasks = TaskTracker::new();

@@ -57,6 +57,18 @@ pub fn config() -> Config {
 pub struct Proxy {
     pub handle: Handle,
     pub port: u16,
+    /// Holds the proxy's default decision log; removed when the proxy is dropped.
+    _log_dir: tempfile::TempDir,
+}
+
+/// A node id for the next proxy: many proxies run at once in one test binary against one
+/// cluster, and each must own its two-phase gids (recovery at start rolls back the undecided
+/// ones of its own node). Counts 1..=1023, then wraps.
+pub fn next_node_id() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed) % u32::from(tessera::config::MAX_NODE_ID);
+    u16::try_from(n + 1).expect("at most 1023")
 }
 
 impl Proxy {
@@ -78,11 +90,27 @@ impl Proxy {
                 .with_test_writer()
                 .try_init();
         }
+        // Harness defaults first, so a tweak can still choose its own node id or log.
+        let log_dir = tempfile::Builder::new()
+            .prefix("tessera-2pc-")
+            .tempdir()
+            .expect("decision log dir");
+        config.node_id = next_node_id();
+        config.two_phase.log = log_dir.path().join("2pc.log");
         tweak(&mut config);
         config.validate().expect("test config is valid");
         let handle = server::start(Arc::new(config)).await.expect("proxy starts");
         let port = handle.addr.port();
-        Proxy { handle, port }
+        Proxy {
+            handle,
+            port,
+            _log_dir: log_dir,
+        }
+    }
+
+    /// Stops the proxy and waits for its tasks, releasing its decision log.
+    pub async fn shutdown(self) {
+        self.handle.shutdown().await;
     }
 
     pub fn url(&self) -> String {
