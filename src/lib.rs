@@ -7,6 +7,8 @@
 //! - [`backend`]: one server connection (startup, auth) and the bb8 pools of them.
 //! - [`router`]: turns a statement into a [`router::Plan`] (which shard, which role).
 //! - [`server`]: the accept loop, cancel-key registry and shutdown.
+//! - [`twopc`]: two-phase commit ids, the durable decision log and startup recovery.
+//! - [`ids`]: global ids unique across proxies (time, node id, sequence).
 //! - [`cluster`]: a throwaway local Postgres cluster (primaries + streaming replicas) for tests and
 //!   `tessera demo`.
 
@@ -15,7 +17,10 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod frontend;
+pub mod ids;
+pub mod merge;
 pub mod protocol;
 pub mod router;
 pub mod run;
 pub mod server;
+pub mod twopc;

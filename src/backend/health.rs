@@ -13,7 +13,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -71,6 +71,9 @@ pub struct ServerState {
     /// Primary only: recent `(probe time, current_lsn)` samples, oldest first. Replica probes use
     /// them to bound lag by when the primary was last at or below the replica's position.
     lsn_history: Mutex<VecDeque<(Instant, u64)>>,
+    /// The database's collation orders text bytewise ("C"/"POSIX"): 0 = not known yet,
+    /// 1 = yes, 2 = no. Cross-shard merges compare text only when every primary says yes.
+    pub bytewise_text: AtomicU8,
 }
 
 impl ServerState {
@@ -87,6 +90,7 @@ impl ServerState {
             lag_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             lsn_history: Mutex::new(VecDeque::new()),
+            bytewise_text: AtomicU8::new(0),
         }
     }
 
@@ -261,6 +265,14 @@ impl Health {
     ///
     /// # Panics
     /// If `i` is not a shard index of the config this was built from.
+    /// Every shard's database sorts text bytewise, so the merge may compare text itself.
+    /// Unknown (not probed yet) counts as no: a merge must not guess an order.
+    pub fn text_bytewise(&self) -> bool {
+        self.shards
+            .iter()
+            .all(|s| s.primary.bytewise_text.load(Ordering::Relaxed) == 1)
+    }
+
     pub fn shard(&self, i: usize) -> &ShardHealth {
         &self.shards[i]
     }
@@ -546,6 +558,23 @@ impl Prober {
                     debug!(server = %addr, error = %describe(&e), "health connection closed");
                 }
             });
+            if self.primary.is_none() {
+                // Learned once per connection: collations do not change under a database.
+                let collate = client
+                    .query_one(
+                        "SELECT datcollate::text FROM pg_database WHERE datname = current_database()",
+                        &[],
+                    )
+                    .await
+                    .ok()
+                    .and_then(|row| row.try_get::<_, String>(0).ok());
+                let bytewise = match collate.as_deref() {
+                    Some("C" | "POSIX" | "C.UTF-8" | "C.utf8") => 1,
+                    Some(_) => 2,
+                    None => 0,
+                };
+                self.state.bytewise_text.store(bytewise, Ordering::Relaxed);
+            }
             match client.prepare(sql).await {
                 Ok(statement) => Ok(ProbeConn {
                     client,
@@ -565,7 +594,7 @@ impl Prober {
 
 /// A tokio-postgres error with its server message or I/O cause (its `Display` alone often says
 /// only "db error" or "error connecting to server").
-fn describe(e: &tokio_postgres::Error) -> String {
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return format!("{} ({})", db.message(), db.code().code());
     }

@@ -30,10 +30,11 @@ use super::settings::{Change, Settings};
 use crate::backend::health::InFlight;
 use crate::backend::{self, PooledConn};
 use crate::config::PoolMode;
+use crate::merge::{self, Merger};
 use crate::protocol::{self, Frame, FrameReader, TxStatus, build, decode, tag};
 use crate::router::analyze::{Analysis, TxCommand};
 use crate::router::params::Params;
-use crate::router::{self, Fanout, Plan, lex};
+use crate::router::{self, Fanout, MergePlan, Plan, lex};
 use crate::server::{Shared, Statement};
 
 thread_local! {
@@ -44,6 +45,8 @@ thread_local! {
         writes: false,
         tx: None,
         reason: Arc::from("single shard, primary only: passthrough"),
+        merge: None,
+        split: None,
     };
 }
 
@@ -59,6 +62,8 @@ enum Kind {
     /// `stmt`: the statement described, to learn its parameter types.
     Describe {
         stmt: Option<Arc<Statement>>,
+        /// A portal (not a statement) is described: in a merge, its columns are the merge's.
+        portal: bool,
     },
     Execute {
         changes: Vec<Change>,
@@ -111,6 +116,8 @@ struct Held {
     wrote: bool,
     /// The session's transaction has been opened on this connection.
     begun: bool,
+    /// The ErrorResponse of the last request the proxy injected here, if it failed.
+    injected_error: Option<Bytes>,
     /// Counts this connection's statements for least-busy replica balancing.
     _in_flight: Option<InFlight>,
 }
@@ -125,6 +132,9 @@ struct Tx {
     /// An error the proxy raised aborted it: only ROLLBACK is accepted now.
     failed: bool,
     written: BTreeSet<usize>,
+    /// Opened by the proxy around one statement that writes on several shards outside a
+    /// transaction, so it commits atomically (two-phase) or not at all.
+    implicit: bool,
 }
 
 /// Filters the replies of a statement run on several connections into one reply.
@@ -136,6 +146,10 @@ struct Merge {
     broadcast: bool,
     tags: Vec<String>,
     error: bool,
+    /// Rows that need more than concatenation (ORDER BY, LIMIT, aggregates) go through this.
+    merger: Option<Merger>,
+    /// The connections of the merge, in shard order (a merger's shard slots).
+    slots: Vec<ConnKey>,
 }
 
 /// The client's unnamed prepared statement.
@@ -468,11 +482,11 @@ impl Session {
             PASSTHROUGH.with(Plan::clone)
         } else {
             let (analysis, literals) = self.shared.router.analyze_simple(&sql);
-            match self
-                .shared
-                .router
-                .plan(&analysis, &Params::from_literals(&literals))
-            {
+            match self.shared.router.plan_sql(
+                &analysis,
+                &Params::from_literals(&literals),
+                Some(&sql),
+            ) {
                 Ok(plan) => plan,
                 Err(e) => return self.refuse_statement(&e).await,
             }
@@ -527,9 +541,24 @@ impl Session {
                     return self.refuse_statement(&e).await;
                 }
                 let broadcast = matches!(fanout, Fanout::Broadcast);
-                let bytes = frame.into_bytes();
-                self.scatter(&shards, &plan, broadcast, |_, _, wire| {
-                    wire.extend_from_slice(&bytes);
+                let bytes = match &plan.merge {
+                    Some(m) => {
+                        let mut msg = BytesMut::new();
+                        build::query(&mut msg, &m.sql);
+                        msg.freeze()
+                    }
+                    None => frame.into_bytes(),
+                };
+                let split = plan.split.clone();
+                self.scatter(&shards, &plan, broadcast, |session, i, wire| {
+                    let shard = session.conns[i].key.shard;
+                    match split
+                        .as_ref()
+                        .and_then(|parts| parts.iter().find(|p| p.0.0 == shard))
+                    {
+                        Some((_, part)) => build::query(wire, &part.sql),
+                        None => wire.extend_from_slice(&bytes),
+                    }
                     Ok(vec![Kind::Query {
                         changes: Vec::new(),
                     }])
@@ -560,9 +589,9 @@ impl Session {
         debug!(?shards, written = ?tx.written, "write in a transaction");
         let mut written = tx.written.clone();
         written.extend(shards.iter().copied());
-        if written.len() > 1 {
+        if written.len() > 1 && self.shared.decisions.is_none() {
             return Err(router::Error::Unsupported(
-                "a transaction that writes to more than one shard (two-phase commit is not available yet)".into(),
+                "a transaction that writes to more than one shard with two-phase commit disabled (two_phase.enabled: false)".into(),
             ));
         }
         tx.written = written;
@@ -636,6 +665,7 @@ impl Session {
                     read_only,
                     failed: false,
                     written: BTreeSet::new(),
+                    implicit: false,
                 });
                 self.reply_locally("BEGIN")
             }
@@ -661,6 +691,12 @@ impl Session {
                         };
                         self.reply_locally(tag)
                     }
+                    _ if cmd == TxCommand::Commit
+                        && !failed
+                        && self.tx.as_ref().is_some_and(|tx| tx.written.len() > 1) =>
+                    {
+                        self.commit_two_phase().await
+                    }
                     [one] if !failed => {
                         let i = *one;
                         self.tx = None;
@@ -685,7 +721,7 @@ impl Session {
                         let msg = msg.freeze();
                         let keys: Vec<ConnKey> = self.conns.iter().map(|h| h.key).collect();
                         self.tx = None;
-                        self.scatter_on(&keys, true, |_, _, wire| {
+                        self.scatter_on(&keys, true, None, |_, _, wire| {
                             wire.extend_from_slice(&msg);
                             Ok(vec![Kind::Query {
                                 changes: Vec::new(),
@@ -729,6 +765,168 @@ impl Session {
                 ))
                 .await
             }
+        }
+    }
+
+    /// Runs one statement the proxy makes on each listed connection, in parallel, and returns
+    /// each one's error (the ErrorResponse message) if it failed.
+    async fn run_injected(
+        &mut self,
+        jobs: &[(ConnKey, String)],
+    ) -> Result<Vec<Option<Bytes>>, End> {
+        for (key, sql) in jobs {
+            let i = self.index(*key);
+            let mut msg = BytesMut::new();
+            build::query(&mut msg, sql);
+            let held = &mut self.conns[i];
+            held.injected_error = None;
+            held.expect.push_back(Expect::Reply {
+                kind: Kind::Query {
+                    changes: Vec::new(),
+                },
+                forward: false,
+            });
+            if let Err(e) = held.conn.send(&msg).await {
+                return Err(self.server_lost(i, e));
+            }
+        }
+        let mut errors = Vec::with_capacity(jobs.len());
+        for (key, _) in jobs {
+            let i = self.index(*key);
+            self.drain(i).await?;
+            errors.push(self.conns[i].injected_error.take());
+        }
+        Ok(errors)
+    }
+
+    /// COMMIT of a transaction that wrote on several shards: PREPARE TRANSACTION on each, the
+    /// decision made durable in the log, then COMMIT PREPARED on each. A shard that cannot
+    /// prepare rolls the transaction back everywhere and the client gets its error.
+    async fn commit_two_phase(&mut self) -> Result<(), End> {
+        self.settle().await?;
+        match self.two_phase().await? {
+            None => build::command_complete(&mut self.out, "COMMIT"),
+            Some(error) => self.out.extend_from_slice(&error),
+        }
+        build::ready_for_query(&mut self.out, TxStatus::Idle);
+        Ok(())
+    }
+
+    /// The end of the proxy's own transaction around one multi-shard write: two-phase commit
+    /// if the statement succeeded everywhere, else rollback everywhere.
+    async fn finish_implicit(&mut self, merge: &mut Merge) -> Result<(), End> {
+        if merge.error {
+            let jobs: Vec<(ConnKey, String)> = self
+                .conns
+                .iter()
+                .filter(|h| h.begun)
+                .map(|h| (h.key, "ROLLBACK".to_string()))
+                .collect();
+            self.run_injected(&jobs).await?;
+            self.end_two_phase("ROLLBACK");
+            return Ok(());
+        }
+        if let Some(error) = self.two_phase().await? {
+            self.out.extend_from_slice(&error);
+            merge.error = true;
+        }
+        Ok(())
+    }
+
+    /// Two-phase commit of the session's transaction; `Some(ErrorResponse)` if it rolled back.
+    async fn two_phase(&mut self) -> Result<Option<Bytes>, End> {
+        let Some(log) = self.shared.decisions.clone() else {
+            let mut msg = BytesMut::new();
+            super::error(
+                &mut msg,
+                "0A000",
+                "not supported across shards: a transaction that writes to more than one shard with two-phase commit disabled",
+            );
+            return Ok(Some(msg.freeze()));
+        };
+        let written = self
+            .tx
+            .as_ref()
+            .map(|tx| tx.written.clone())
+            .unwrap_or_default();
+        let gid = self.shared.new_gid();
+        // Shards the transaction only read from just commit; those it wrote to prepare.
+        let jobs: Vec<(ConnKey, String)> = self
+            .conns
+            .iter()
+            .filter(|h| h.begun)
+            .map(|h| {
+                let sql = if written.contains(&h.key.shard) {
+                    format!("PREPARE TRANSACTION '{gid}'")
+                } else {
+                    "COMMIT".to_string()
+                };
+                (h.key, sql)
+            })
+            .collect();
+        debug!(%gid, shards = ?written, "two-phase commit: prepare");
+        let results = self.run_injected(&jobs).await?;
+        let prepared: Vec<ConnKey> = jobs
+            .iter()
+            .zip(&results)
+            .filter(|((key, _), err)| err.is_none() && written.contains(&key.shard))
+            .map(|((key, _), _)| *key)
+            .collect();
+        let failure = results.iter().flatten().next().cloned();
+        crate::twopc::failpoint("after-prepare");
+        let decided = match failure {
+            Some(_) => Err(None),
+            None => log.record_commit(&gid).map_err(Some),
+        };
+        if let Err(log_error) = decided {
+            let undo: Vec<(ConnKey, String)> = prepared
+                .iter()
+                .map(|k| (*k, format!("ROLLBACK PREPARED '{gid}'")))
+                .collect();
+            self.run_injected(&undo).await?;
+            self.end_two_phase("ROLLBACK");
+            let mut msg = BytesMut::new();
+            match (failure, log_error) {
+                (Some(frame), _) => msg.extend_from_slice(&frame),
+                (None, Some(e)) => super::error(&mut msg, e.sqlstate(), &e.to_string()),
+                (None, None) => super::error(&mut msg, "XX000", "two-phase commit failed"),
+            }
+            return Ok(Some(msg.freeze()));
+        }
+        crate::twopc::failpoint("after-decision");
+        let commit: Vec<(ConnKey, String)> = prepared
+            .iter()
+            .map(|k| (*k, format!("COMMIT PREPARED '{gid}'")))
+            .collect();
+        let results = self.run_injected(&commit).await?;
+        if results.iter().all(Option::is_none) {
+            if let Err(e) = log.record_done(&gid) {
+                warn!(cause = %e, %gid, "could not mark a two-phase commit done");
+            }
+        } else {
+            // The decision is durable: recovery at the next start (or an operator) finishes
+            // the shards that did not commit yet; the transaction is committed.
+            warn!(%gid, "COMMIT PREPARED failed on a shard; recovery will finish it");
+            build::error_response(
+                &mut self.out,
+                build::Severity::Warning,
+                "01000",
+                &format!(
+                    "transaction {gid} is committed but not yet on every shard; Tessera finishes it at its next start"
+                ),
+            );
+        }
+        self.end_two_phase("COMMIT");
+        Ok(None)
+    }
+
+    /// After a two-phase commit or its rollback: every connection is idle and the session's
+    /// transaction is over.
+    fn end_two_phase(&mut self, outcome: &str) {
+        self.tx = None;
+        for i in 0..self.conns.len() {
+            self.conns[i].last_tag = outcome.into();
+            self.ready(i);
         }
     }
 
@@ -849,17 +1047,23 @@ impl Session {
     /// Finishes every reply pending on connection `i`.
     async fn drain(&mut self, i: usize) -> Result<(), End> {
         while !self.conns[i].expect.is_empty() {
-            match self.conns[i].conn.reader.next().await {
-                Ok(frame) => self.on_server(i, frame)?,
-                Err(e) => {
-                    let addr = self.conns[i].conn.addr.clone();
-                    return Err(self.server_lost(i, backend::Error::protocol(&addr, e)));
-                }
+            self.read_one(i).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads and handles one reply message from connection `i`.
+    async fn read_one(&mut self, i: usize) -> Result<(), End> {
+        match self.conns[i].conn.reader.next().await {
+            Ok(frame) => self.on_server(i, frame)?,
+            Err(e) => {
+                let addr = self.conns[i].conn.addr.clone();
+                return Err(self.server_lost(i, backend::Error::protocol(&addr, e)));
             }
-            // Keep client writes flowing for long results.
-            if self.out.len() > 64 * 1024 && self.flush_client().await.is_err() {
-                return Err(End::ClientGone);
-            }
+        }
+        // Keep client writes flowing for long results.
+        if self.out.len() > 64 * 1024 && self.flush_client().await.is_err() {
+            return Err(End::ClientGone);
         }
         Ok(())
     }
@@ -962,6 +1166,7 @@ impl Session {
             last_tag: String::new(),
             wrote: false,
             begun: self.tx.is_some(),
+            injected_error: None,
             _in_flight: (key.server > 0).then(|| state.enter()),
         });
         Ok(self.conns.len() - 1)
@@ -977,13 +1182,36 @@ impl Session {
         build: impl FnMut(&mut Self, usize, &mut BytesMut) -> Result<Vec<Kind>, protocol::Error>,
     ) -> Result<(), End> {
         let keys: Vec<ConnKey> = shards.iter().map(|&s| self.choose(s, plan)).collect();
-        self.scatter_on(&keys, broadcast, build).await
+        if plan.writes && !broadcast && self.tx.is_none() && keys.len() > 1 {
+            if self.shared.decisions.is_none() {
+                return self
+                    .refuse_statement(&router::Error::Unsupported(
+                        "a statement that writes on several shards with two-phase commit disabled (two_phase.enabled: false)".into(),
+                    ))
+                    .await;
+            }
+            // One statement, several shards: it runs in a transaction of the proxy's own and
+            // commits with two-phase commit, so it lands everywhere or nowhere.
+            self.settle().await?;
+            let mut begin = BytesMut::new();
+            build::query(&mut begin, "BEGIN");
+            self.tx = Some(Tx {
+                begin: begin.freeze(),
+                read_only: false,
+                failed: false,
+                written: shards.iter().copied().collect(),
+                implicit: true,
+            });
+        }
+        self.scatter_on(&keys, broadcast, plan.merge.clone(), build)
+            .await
     }
 
     async fn scatter_on(
         &mut self,
         keys: &[ConnKey],
         broadcast: bool,
+        plan: Option<Arc<MergePlan>>,
         mut build: impl FnMut(&mut Self, usize, &mut BytesMut) -> Result<Vec<Kind>, protocol::Error>,
     ) -> Result<(), End> {
         // Take every connection first, injected messages drained, so replies start clean.
@@ -1015,10 +1243,27 @@ impl Session {
                 return Err(self.server_lost(i, e));
             }
         }
+        let merger = plan.map(|m| {
+            Merger::new(
+                m.spec.clone(),
+                m.limit,
+                m.offset,
+                idx.len(),
+                self.shared.config.limits.max_merge_rows,
+                self.shared.health.text_bytewise(),
+            )
+        });
+        let merging = merger.is_some();
         self.merge = Some(Merge {
             broadcast,
+            merger,
+            slots: idx.clone(),
             ..Merge::default()
         });
+        if merging && let Err(end) = self.merge_rows(&idx).await {
+            self.merge = None;
+            return Err(end);
+        }
         for (n, &key) in idx.iter().enumerate() {
             if let Some(m) = self.merge.as_mut() {
                 m.first = n == 0;
@@ -1030,7 +1275,21 @@ impl Session {
                 return Err(end);
             }
         }
-        let merge = self.merge.take().unwrap_or_default();
+        let mut merge = self.merge.take().unwrap_or_default();
+        if !merge.error
+            && let Some(merger) = merge.merger.as_mut()
+        {
+            match merger.finish(&mut self.out) {
+                Ok(rows) => merge.tags = vec![format!("SELECT {rows}")],
+                Err(e) => {
+                    super::error(&mut self.out, e.sqlstate(), &e.to_string());
+                    merge.error = true;
+                }
+            }
+        }
+        if self.tx.as_ref().is_some_and(|tx| tx.implicit) {
+            self.finish_implicit(&mut merge).await?;
+        }
         if !merge.error {
             for tag in &merge.tags {
                 build::command_complete(&mut self.out, tag);
@@ -1044,6 +1303,101 @@ impl Session {
         let status = self.client_status();
         build::ready_for_query(&mut self.out, status);
         Ok(())
+    }
+
+    /// Reads the shards' rows in the order the merger asks for (the shard whose next row
+    /// decides what comes next), writing merged rows as they become final. Memory stays at a
+    /// few rows per shard for ORDER BY and LIMIT.
+    async fn merge_rows(&mut self, idx: &[ConnKey]) -> Result<(), End> {
+        loop {
+            let Some(merge) = self.merge.as_mut() else {
+                return Ok(());
+            };
+            if merge.error {
+                return Ok(());
+            }
+            let Some(merger) = merge.merger.as_mut() else {
+                return Ok(());
+            };
+            if let Err(e) = merger.emit(&mut self.out) {
+                self.merge_failed(&e);
+                return Ok(());
+            }
+            let Some(slot) = merger.next_read() else {
+                return Ok(());
+            };
+            merge.first = slot == 0;
+            let i = self.index(idx[slot]);
+            if self.conns[i].expect.is_empty() {
+                // The reply ended without rows or a completion the merger saw.
+                if let Some(m) = self.merge.as_mut().and_then(|m| m.merger.as_mut()) {
+                    m.end(slot);
+                }
+                continue;
+            }
+            self.read_one(i).await?;
+        }
+    }
+
+    /// The merge cannot go on: the client gets the error (once); the shards' remaining
+    /// replies are drained and dropped.
+    fn merge_failed(&mut self, e: &merge::Error) {
+        debug!(cause = %e, "merge failed");
+        if let Some(m) = self.merge.as_mut()
+            && !m.error
+        {
+            m.error = true;
+            super::error(&mut self.out, e.sqlstate(), &e.to_string());
+        }
+    }
+
+    /// A merged statement's reply message from connection `i`: feeds the merger; true if the
+    /// message is handled (not forwarded as is).
+    fn merge_message(&mut self, i: usize, t: u8, frame: &Frame, forward: bool) -> bool {
+        let key = self.conns[i].key;
+        let portal_reply = matches!(
+            self.conns[i].expect.front(),
+            Some(Expect::Reply {
+                kind: Kind::Query { .. }
+                    | Kind::Execute { .. }
+                    | Kind::Describe { portal: true, .. },
+                ..
+            })
+        );
+        let Some(merge) = self.merge.as_mut() else {
+            return false;
+        };
+        let Some(slot) = merge.slots.iter().position(|k| *k == key) else {
+            return false;
+        };
+        let first = merge.first;
+        if merge.error {
+            return matches!(t, tag::ROW_DESCRIPTION | tag::DATA_ROW) && portal_reply;
+        }
+        let Some(merger) = merge.merger.as_mut() else {
+            return false;
+        };
+        let result = match t {
+            tag::ROW_DESCRIPTION if portal_reply => match merger.describe(frame.body()) {
+                Ok(description) => {
+                    if forward && first {
+                        self.out.extend_from_slice(&description);
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+            tag::DATA_ROW if portal_reply => merger.row(slot, frame.bytes().slice(5..)),
+            tag::COMMAND_COMPLETE | tag::ERROR_RESPONSE | tag::EMPTY_QUERY if portal_reply => {
+                merger.end(slot);
+                return false;
+            }
+            _ => return false,
+        };
+        if let Err(e) = result {
+            self.merge_failed(&e);
+        }
+        true
     }
 
     fn index(&self, key: ConnKey) -> usize {
@@ -1069,7 +1423,7 @@ impl Session {
         }
         // Route every Bind; a batch normally targets one place. A Parse earlier in the batch
         // defines the statement its Binds use, so planning sees the batch in order.
-        let mut overlay: HashMap<Bytes, (Arc<Analysis>, Vec<u32>)> = HashMap::new();
+        let mut overlay: HashMap<Bytes, (Arc<Analysis>, Vec<u32>, Bytes)> = HashMap::new();
         let mut targets: Vec<Option<Plan>> = Vec::with_capacity(batch.len());
         for frame in &batch {
             if frame.tag() == tag::PARSE
@@ -1082,6 +1436,7 @@ impl Session {
                     (
                         self.shared.router.analyze(&sql),
                         crate::server::parse_param_types(parse.param_types),
+                        frame.bytes().clone(),
                     ),
                 );
             }
@@ -1148,7 +1503,7 @@ impl Session {
                     build::query(&mut msg, "ROLLBACK");
                     let msg = msg.freeze();
                     return self
-                        .scatter_on(&begun, true, move |_, _, wire| {
+                        .scatter_on(&begun, true, None, move |_, _, wire| {
                             wire.extend_from_slice(&msg);
                             Ok(vec![Kind::Query {
                                 changes: Vec::new(),
@@ -1157,7 +1512,7 @@ impl Session {
                         .await;
                 }
                 return self
-                    .scatter_on(&begun, true, move |session, i, wire| {
+                    .scatter_on(&begun, true, None, move |session, i, wire| {
                         for frame in &body {
                             session.batch_message(i, frame.clone(), wire)?;
                         }
@@ -1320,46 +1675,63 @@ impl Session {
     fn plan_bind(
         &self,
         frame: &Frame,
-        overlay: &HashMap<Bytes, (Arc<Analysis>, Vec<u32>)>,
+        overlay: &HashMap<Bytes, (Arc<Analysis>, Vec<u32>, Bytes)>,
     ) -> Result<Plan, router::Error> {
         if self.shared.router.passthrough() {
             return Ok(PASSTHROUGH.with(Plan::clone));
         }
         let bad = |_| router::Error::BadKey("malformed Bind message".into());
         let bind = decode::bind(frame.body()).map_err(bad)?;
-        let (analysis, types) = if let Some((analysis, types)) = overlay.get(bind.statement) {
-            // Parsed earlier in this batch; server-described types (if the statement existed
-            // already) are better than the Parse's unspecified ones.
-            let learned = self
-                .statements
-                .get(bind.statement)
-                .map(|s| s.param_types.lock().clone())
-                .filter(|t| t.len() >= types.len() && !t.contains(&0));
-            (analysis.clone(), learned.unwrap_or_else(|| types.clone()))
-        } else if bind.statement.is_empty() {
-            match &self.unnamed {
-                Some(u) => (u.analysis.clone(), u.types.clone()),
-                None => {
-                    return self
-                        .shared
-                        .router
-                        .plan(&self.shared.router.analyze(""), &Params::none());
+        let (analysis, types, parse) =
+            if let Some((analysis, types, parse)) = overlay.get(bind.statement) {
+                // Parsed earlier in this batch; server-described types (if the statement existed
+                // already) are better than the Parse's unspecified ones.
+                let learned = self
+                    .statements
+                    .get(bind.statement)
+                    .map(|s| s.param_types.lock().clone())
+                    .filter(|t| t.len() >= types.len() && !t.contains(&0));
+                (
+                    analysis.clone(),
+                    learned.unwrap_or_else(|| types.clone()),
+                    parse.clone(),
+                )
+            } else if bind.statement.is_empty() {
+                match &self.unnamed {
+                    Some(u) => (u.analysis.clone(), u.types.clone(), u.parse.clone()),
+                    None => {
+                        return self
+                            .shared
+                            .router
+                            .plan(&self.shared.router.analyze(""), &Params::none());
+                    }
                 }
-            }
-        } else {
-            match self.statements.get(bind.statement) {
-                Some(stmt) => (stmt.analysis.clone(), stmt.param_types.lock().clone()),
-                // The error for an unknown statement comes in order from batch_message.
-                None => {
-                    return self
-                        .shared
-                        .router
-                        .plan(&self.shared.router.analyze(""), &Params::none());
+            } else {
+                match self.statements.get(bind.statement) {
+                    Some(stmt) => (
+                        stmt.analysis.clone(),
+                        stmt.param_types.lock().clone(),
+                        stmt.parse.clone(),
+                    ),
+                    // The error for an unknown statement comes in order from batch_message.
+                    None => {
+                        return self
+                            .shared
+                            .router
+                            .plan(&self.shared.router.analyze(""), &Params::none());
+                    }
                 }
-            }
-        };
+            };
         let params = Params::from_bind(bind.rest, &types).map_err(bad)?;
-        self.shared.router.plan(&analysis, &params)
+        // The text is needed only to rewrite a merged statement or split an INSERT.
+        let sql = analysis
+            .needs_text()
+            .then(|| decode::parse(parse.get(5..)?).ok())
+            .flatten()
+            .map(|p| String::from_utf8_lossy(p.query).into_owned());
+        self.shared
+            .router
+            .plan_sql(&analysis, &params, sql.as_deref())
     }
 
     /// A single statement (Parse? Bind Describe? Execute Sync) on several shards.
@@ -1406,9 +1778,27 @@ impl Session {
         }
         let broadcast = matches!(plan.fanout, Fanout::Broadcast);
         let body: Vec<Frame> = batch[..batch.len() - 1].to_vec();
+        let merge = plan.merge.clone();
+        let split = plan.split.clone();
+        let described = body.iter().any(|f| {
+            f.tag() == tag::DESCRIBE
+                && matches!(decode::target(f.body(), "Describe"), Ok((b'P', _)))
+        });
         self.scatter(&shards, &plan, broadcast, move |session, i, wire| {
             for frame in &body {
-                session.batch_message(i, frame.clone(), wire)?;
+                let shard = session.conns[i].key.shard;
+                let part = split
+                    .as_ref()
+                    .and_then(|parts| parts.iter().find(|p| p.0.0 == shard));
+                match (&merge, part) {
+                    (_, Some((_, part))) if frame.tag() == tag::BIND => {
+                        session.split_bind(i, frame, part, wire)?;
+                    }
+                    (Some(m), _) if frame.tag() == tag::BIND => {
+                        session.merge_bind(i, frame, m, described, wire)?;
+                    }
+                    _ => session.batch_message(i, frame.clone(), wire)?,
+                }
             }
             session.conns[i].wrote |= plan.writes;
             // Our own Sync per connection; the merge emits the client's ReadyForQuery.
@@ -1416,6 +1806,181 @@ impl Session {
             Ok(vec![Kind::Sync])
         })
         .await
+    }
+
+    /// The Bind of a statement whose results are merged: binds the client's values to the
+    /// statement rewritten for the shards instead, asks for the extra columns in text, and
+    /// describes the portal so the merger knows the column types.
+    fn merge_bind(
+        &mut self,
+        i: usize,
+        frame: &Frame,
+        m: &MergePlan,
+        described: bool,
+        wire: &mut BytesMut,
+    ) -> Result<(), protocol::Error> {
+        let bind = decode::bind(frame.body())?;
+        let (params, formats) = decode::bind_result_formats(bind.rest)?;
+        let types = if bind.statement.is_empty() {
+            match &self.unnamed {
+                Some(u) => u.types.clone(),
+                None => {
+                    self.synthetic_error(i, "26000", "unnamed prepared statement does not exist");
+                    return Ok(());
+                }
+            }
+        } else {
+            match self.lookup(i, bind.statement) {
+                Some(stmt) => stmt.param_types.lock().clone(),
+                None => return Ok(()),
+            }
+        };
+        let mut encoded = Vec::with_capacity(2 + 4 * types.len());
+        encoded.extend_from_slice(&(types.len() as i16).to_be_bytes());
+        for t in &types {
+            encoded.extend_from_slice(&t.to_be_bytes());
+        }
+        let stmt = self.shared.statements.intern(
+            &decode::Parse {
+                name: b"",
+                query: m.sql.as_bytes(),
+                param_types: &encoded,
+            },
+            &self.shared.router,
+        );
+        self.ensure_prepared(i, &stmt, wire);
+        let client = |j: usize| match formats.len() {
+            0 => 0,
+            1 => formats[0],
+            _ => formats.get(j).copied().unwrap_or(0),
+        };
+        let result_formats: Vec<i16> = match m.spec.columns {
+            Some(n) => {
+                let visible = n - m.spec.extras;
+                (0..n)
+                    .map(|j| if j < visible { client(j) } else { 0 })
+                    .collect()
+            }
+            None if formats.len() > 1 => formats
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, m.spec.extras))
+                .collect(),
+            None => formats,
+        };
+        build::message(wire, tag::BIND, |b| {
+            build::cstr(b, bind.portal);
+            build::cstr(b, &stmt.server_name);
+            b.put_slice(params);
+            b.put_i16(result_formats.len() as i16);
+            for f in &result_formats {
+                b.put_i16(*f);
+            }
+        });
+        self.portals
+            .insert(Bytes::copy_from_slice(bind.portal), self.conns[i].key);
+        let held = &mut self.conns[i];
+        held.expect.push_back(Expect::Reply {
+            kind: Kind::Bind,
+            forward: true,
+        });
+        if !described {
+            build::message(wire, tag::DESCRIBE, |b| {
+                b.put_u8(b'P');
+                build::cstr(b, bind.portal);
+            });
+            held.expect.push_back(Expect::Reply {
+                kind: Kind::Describe {
+                    stmt: None,
+                    portal: true,
+                },
+                forward: false,
+            });
+        }
+        Ok(())
+    }
+
+    /// The Bind of a multi-row INSERT split by shard: this shard's rows only, with their
+    /// parameters.
+    fn split_bind(
+        &mut self,
+        i: usize,
+        frame: &Frame,
+        part: &router::rewrite::SplitInsert,
+        wire: &mut BytesMut,
+    ) -> Result<(), protocol::Error> {
+        let bind = decode::bind(frame.body())?;
+        let (params, results) = decode::bind_result_formats(bind.rest)?;
+        let decode::BindParams { formats, values } = decode::bind_params(params)?;
+        let types = if bind.statement.is_empty() {
+            self.unnamed
+                .as_ref()
+                .map(|u| u.types.clone())
+                .unwrap_or_default()
+        } else {
+            match self.lookup(i, bind.statement) {
+                Some(stmt) => stmt.param_types.lock().clone(),
+                None => return Ok(()),
+            }
+        };
+        let mut encoded = Vec::with_capacity(2 + 4 * part.params.len());
+        encoded.extend_from_slice(&(part.params.len() as i16).to_be_bytes());
+        for &n in &part.params {
+            encoded.extend_from_slice(&types.get(n - 1).copied().unwrap_or(0).to_be_bytes());
+        }
+        let stmt = self.shared.statements.intern(
+            &decode::Parse {
+                name: b"",
+                query: part.sql.as_bytes(),
+                param_types: &encoded,
+            },
+            &self.shared.router,
+        );
+        self.ensure_prepared(i, &stmt, wire);
+        let mut chosen = Vec::with_capacity(part.params.len());
+        for &n in &part.params {
+            chosen.push(
+                *values
+                    .get(n - 1)
+                    .ok_or(protocol::Error::Malformed("Bind"))?,
+            );
+        }
+        build::message(wire, tag::BIND, |b| {
+            build::cstr(b, bind.portal);
+            build::cstr(b, &stmt.server_name);
+            if formats.len() > 1 {
+                b.put_i16(part.params.len() as i16);
+                for &n in &part.params {
+                    b.put_i16(formats.get(n - 1).copied().unwrap_or(0));
+                }
+            } else {
+                b.put_i16(formats.len() as i16);
+                for f in &formats {
+                    b.put_i16(*f);
+                }
+            }
+            b.put_i16(chosen.len() as i16);
+            for v in &chosen {
+                match v {
+                    Some(v) => {
+                        b.put_i32(v.len() as i32);
+                        b.put_slice(v);
+                    }
+                    None => b.put_i32(-1),
+                }
+            }
+            b.put_i16(results.len() as i16);
+            for f in &results {
+                b.put_i16(*f);
+            }
+        });
+        self.portals
+            .insert(Bytes::copy_from_slice(bind.portal), self.conns[i].key);
+        self.conns[i].expect.push_back(Expect::Reply {
+            kind: Kind::Bind,
+            forward: true,
+        });
+        Ok(())
     }
 
     fn batch_message(
@@ -1523,9 +2088,10 @@ impl Session {
                     }
                     wire.extend_from_slice(frame.bytes());
                 }
-                self.conns[i]
-                    .expect
-                    .push_back(reply(Kind::Describe { stmt: described }));
+                self.conns[i].expect.push_back(reply(Kind::Describe {
+                    stmt: described,
+                    portal: kind == b'P',
+                }));
             }
             tag::EXECUTE => {
                 let (portal, _) = decode::cstr(frame.body(), "Execute")?;
@@ -1647,6 +2213,18 @@ impl Session {
                 };
             }
         };
+        if self.merge.as_ref().is_some_and(|m| m.merger.is_some())
+            && self.merge_message(i, t, &frame, forward)
+        {
+            if ends == Ends::Yes {
+                let Some(Expect::Reply { kind, forward }) = self.conns[i].expect.pop_front() else {
+                    unreachable!("head checked above");
+                };
+                self.completed(i, kind, t, forward);
+            }
+            return Ok(());
+        }
+        let held = &mut self.conns[i];
         match t {
             tag::ERROR_RESPONSE => return self.on_server_error(i, frame, forward),
             tag::COMMAND_COMPLETE => {
@@ -1682,7 +2260,10 @@ impl Session {
             }
             tag::PARAMETER_DESCRIPTION => {
                 if let Some(Expect::Reply {
-                    kind: Kind::Describe { stmt: Some(stmt) },
+                    kind:
+                        Kind::Describe {
+                            stmt: Some(stmt), ..
+                        },
                     ..
                 }) = held.expect.front()
                 {
@@ -1804,6 +2385,7 @@ impl Session {
                     } else {
                         BTreeSet::new()
                     },
+                    implicit: false,
                 });
             }
             return;
@@ -1881,6 +2463,7 @@ impl Session {
             } else if !forward {
                 let fields = decode::error_fields(frame.body()).unwrap_or_default();
                 warn!(code = %fields.code, message = %fields.message, "a request injected by the proxy failed");
+                held.injected_error = Some(frame.bytes().clone());
             }
             return Ok(());
         }

@@ -94,6 +94,7 @@ pub enum Severity {
     Error,
     Fatal,
     Notice,
+    Warning,
 }
 
 impl Severity {
@@ -102,13 +103,14 @@ impl Severity {
             Severity::Error => "ERROR",
             Severity::Fatal => "FATAL",
             Severity::Notice => "NOTICE",
+            Severity::Warning => "WARNING",
         }
     }
 }
 
-/// An ErrorResponse (or NoticeResponse for [`Severity::Notice`]) with a SQLSTATE.
+/// An ErrorResponse (or NoticeResponse for a notice or warning) with a SQLSTATE.
 pub fn error_response(out: &mut BytesMut, severity: Severity, code: &str, text: &str) {
-    let tag = if severity == Severity::Notice {
+    let tag = if matches!(severity, Severity::Notice | Severity::Warning) {
         b'N'
     } else {
         b'E'

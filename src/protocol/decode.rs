@@ -64,6 +64,86 @@ pub fn bind(body: &[u8]) -> Result<Bind<'_>, Error> {
     })
 }
 
+/// Splits a Bind's `rest` into its parameter part (formats and values, as sent) and its
+/// result-column format codes.
+pub fn bind_result_formats(rest: &[u8]) -> Result<(&[u8], Vec<i16>), Error> {
+    let bad = Error::Malformed("Bind");
+    let i16_at = |at: usize| -> Result<i16, Error> {
+        rest.get(at..at + 2)
+            .map(|b| i16::from_be_bytes([b[0], b[1]]))
+            .ok_or(Error::Malformed("Bind"))
+    };
+    let nformats = i16_at(0)?;
+    if nformats < 0 {
+        return Err(bad);
+    }
+    let mut at = 2 + 2 * nformats as usize;
+    let nparams = i16_at(at)?;
+    if nparams < 0 {
+        return Err(bad);
+    }
+    at += 2;
+    for _ in 0..nparams {
+        let len = rest
+            .get(at..at + 4)
+            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or(Error::Malformed("Bind"))?;
+        at += 4;
+        if len > 0 {
+            at += len as usize;
+        }
+    }
+    let params = rest.get(..at).ok_or(Error::Malformed("Bind"))?;
+    let nresults = i16_at(at)?;
+    if nresults < 0 || rest.len() != at + 2 + 2 * nresults as usize {
+        return Err(bad);
+    }
+    let formats = (0..nresults as usize)
+        .map(|k| i16_at(at + 2 + 2 * k))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((params, formats))
+}
+
+/// A Bind's parameters: format codes and values (`None` for NULL).
+pub struct BindParams<'a> {
+    pub formats: Vec<i16>,
+    pub values: Vec<Option<&'a [u8]>>,
+}
+
+/// The parameter part of a Bind (as split off by [`bind_result_formats`]).
+pub fn bind_params(params: &[u8]) -> Result<BindParams<'_>, Error> {
+    let bad = || Error::Malformed("Bind");
+    let i16_at = |at: usize| -> Result<i16, Error> {
+        params
+            .get(at..at + 2)
+            .map(|b| i16::from_be_bytes([b[0], b[1]]))
+            .ok_or_else(bad)
+    };
+    let nformats = i16_at(0)?.max(0) as usize;
+    let formats = (0..nformats)
+        .map(|k| i16_at(2 + 2 * k))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut at = 2 + 2 * nformats;
+    let nvalues = i16_at(at)?.max(0) as usize;
+    at += 2;
+    let mut values = Vec::with_capacity(nvalues);
+    for _ in 0..nvalues {
+        let len = params
+            .get(at..at + 4)
+            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or_else(bad)?;
+        at += 4;
+        if len < 0 {
+            values.push(None);
+        } else {
+            let end = at + len as usize;
+            values.push(Some(params.get(at..end).ok_or_else(bad)?));
+            at = end;
+        }
+    }
+    Ok(BindParams { formats, values })
+}
+
 /// Describe or Close: `'S'` (statement) or `'P'` (portal), and the name.
 pub fn target<'a>(body: &'a [u8], what: &'static str) -> Result<(u8, &'a [u8]), Error> {
     let (&kind, rest) = body.split_first().ok_or(Error::Malformed(what))?;

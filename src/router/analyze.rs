@@ -120,6 +120,13 @@ pub struct Analysis {
 }
 
 impl Analysis {
+    /// Planning may need the statement's text: to rewrite it for a merge, or to split a
+    /// multi-row INSERT by shard.
+    pub fn needs_text(&self) -> bool {
+        self.needs_merge.is_some()
+            || matches!(&self.route, Route::Insert { rows, .. } if rows.len() > 1)
+    }
+
     fn new(route: Route, writes: bool, reason: impl Into<String>) -> Analysis {
         Analysis {
             route,
@@ -172,7 +179,7 @@ const WRITING_FUNCTIONS: &[&str] = &[
 ];
 
 /// Aggregates whose per-shard results cannot be concatenated.
-const AGGREGATES: &[&str] = &[
+pub(super) const AGGREGATES: &[&str] = &[
     "count",
     "sum",
     "avg",
@@ -866,6 +873,13 @@ fn collect_key_equalities(
         }
         _ => {}
     }
+}
+
+/// Whether `expr` is the shard-key column of a sharded table of `from`.
+pub(super) fn is_shard_key(expr: &Expr, schema: &Schema, from: &[TableWithJoins]) -> bool {
+    let mut scope = Scope::default();
+    scope.add_from(from);
+    key_column_of(expr, schema, &scope).is_some()
 }
 
 /// If `expr` is the shard-key column of a sharded table in scope, that table.

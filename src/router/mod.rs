@@ -9,12 +9,15 @@ pub mod hash;
 pub mod lex;
 pub mod params;
 pub mod range;
+pub mod rewrite;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+
+use crate::merge::{Count, MergeSpec};
 
 use crate::config::{Config, Strategy};
 use analyze::{Analysis, KeyExpr, KeySource, Route, Schema, TxCommand};
@@ -50,6 +53,20 @@ pub struct Plan {
     /// Transaction control: handled by the session, not by routing.
     pub tx: Option<TxCommand>,
     pub reason: Arc<str>,
+    /// Several shards whose results need more than concatenation: the rewritten statement
+    /// and how to merge its results.
+    pub merge: Option<Arc<MergePlan>>,
+    /// A multi-row INSERT split by shard: each shard's statement and parameters.
+    pub split: Option<Arc<Vec<(ShardId, rewrite::SplitInsert)>>>,
+}
+
+/// A statement rewritten for a scatter, with its LIMIT/OFFSET values resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergePlan {
+    pub sql: Arc<str>,
+    pub spec: Arc<MergeSpec>,
+    pub limit: Option<u64>,
+    pub offset: u64,
 }
 
 impl fmt::Display for Plan {
@@ -57,11 +74,15 @@ impl fmt::Display for Plan {
         let shards = match &self.fanout {
             Fanout::One(s) => format!("shard {}", s.0),
             Fanout::Scatter(list) => format!(
-                "shards {} (scatter, rows concatenated)",
+                "shards {} (scatter, {})",
                 list.iter()
                     .map(|s| s.0.to_string())
                     .collect::<Vec<_>>()
-                    .join(",")
+                    .join(","),
+                match &self.merge {
+                    Some(m) => format!("merged; each shard runs: {}", m.sql),
+                    None => "rows concatenated".to_string(),
+                }
             ),
             Fanout::Broadcast => "every shard (broadcast)".to_string(),
         };
@@ -101,6 +122,9 @@ enum Placement {
     Range { ranges: Ranges },
 }
 
+/// A cached rewrite, or why the statement cannot be merged.
+type RewriteResult = Result<Arc<rewrite::Rewritten>, String>;
+
 /// Decides plans for one shard map.
 #[derive(Debug)]
 pub struct Router {
@@ -109,6 +133,7 @@ pub struct Router {
     shards: usize,
     passthrough: bool,
     cache: Mutex<HashMap<Box<str>, Arc<Analysis>>>,
+    rewrites: Mutex<HashMap<Box<str>, RewriteResult>>,
 }
 
 impl Router {
@@ -144,6 +169,7 @@ impl Router {
             shards: config.shards.len(),
             passthrough: config.shards.len() == 1 && !(config.routing.replica_reads && replicas),
             cache: Mutex::new(HashMap::new()),
+            rewrites: Mutex::new(HashMap::new()),
         })
     }
 
@@ -185,12 +211,28 @@ impl Router {
     /// Statements that cannot run correctly where they would have to (`0A000`), keys outside
     /// every range, undecodable key parameters.
     pub fn plan(&self, analysis: &Analysis, params: &Params<'_>) -> Result<Plan, Error> {
+        self.plan_sql(analysis, params, None)
+    }
+
+    /// Like [`Router::plan`], with the statement's text (`sql`), so a statement that needs
+    /// merging across shards can be rewritten for them rather than refused.
+    ///
+    /// # Errors
+    /// As [`Router::plan`].
+    pub fn plan_sql(
+        &self,
+        analysis: &Analysis,
+        params: &Params<'_>,
+        sql: Option<&str>,
+    ) -> Result<Plan, Error> {
         let mut plan = Plan {
             fanout: Fanout::One(ShardId(0)),
             replica_ok: analysis.replica_ok,
             writes: analysis.writes,
             tx: None,
             reason: analysis.reason.clone(),
+            merge: None,
+            split: None,
         };
         if self.shards == 1 {
             // One shard holds everything: any statement runs there as on plain Postgres.
@@ -211,13 +253,24 @@ impl Router {
             Route::Unsupported(why) => return Err(Error::Unsupported(why.clone())),
             Route::Sharded { table, keys } => {
                 let shards = self.eval(keys, table, params, analysis.writes)?;
-                self.fanout(shards, analysis)?
+                let fanout = self.fanout(shards)?;
+                if let (Fanout::Scatter(_), Some(need)) = (&fanout, &analysis.needs_merge) {
+                    let Some(sql) = sql else {
+                        return Err(Error::Unsupported(format!("{need} over several shards")));
+                    };
+                    plan.merge = Some(self.merge_plan(sql, params)?);
+                }
+                fanout
             }
             Route::Insert { table, rows } => {
                 let mut shards = BTreeSet::new();
+                let mut row_shards = Vec::with_capacity(rows.len());
                 for row in rows {
                     match self.source_shards(row, table, params)? {
-                        Some(set) if !set.is_empty() => shards.extend(set),
+                        Some(set) if set.len() == 1 => {
+                            shards.extend(&set);
+                            row_shards.extend(set);
+                        }
                         _ => {
                             return Err(Error::BadKey(format!(
                                 "the shard key of {table} must not be NULL and must be decodable"
@@ -226,21 +279,26 @@ impl Router {
                     }
                 }
                 if shards.len() > 1 {
-                    return Err(Error::Unsupported(format!(
-                        "a multi-row INSERT into {table} whose rows belong to different shards"
-                    )));
+                    let Some(sql) = sql else {
+                        return Err(Error::Unsupported(format!(
+                            "a multi-row INSERT into {table} whose rows belong to different shards"
+                        )));
+                    };
+                    let parts =
+                        rewrite::split_insert(sql, &row_shards).map_err(Error::Unsupported)?;
+                    plan.split = Some(Arc::new(
+                        parts.into_iter().map(|(s, p)| (ShardId(s), p)).collect(),
+                    ));
+                    Fanout::Scatter(shards.into_iter().map(ShardId).collect())
+                } else {
+                    Fanout::One(ShardId(shards.into_iter().next().unwrap_or(0)))
                 }
-                Fanout::One(ShardId(shards.into_iter().next().unwrap_or(0)))
             }
         };
         Ok(plan)
     }
 
-    fn fanout(
-        &self,
-        shards: Option<BTreeSet<usize>>,
-        analysis: &Analysis,
-    ) -> Result<Fanout, Error> {
+    fn fanout(&self, shards: Option<BTreeSet<usize>>) -> Result<Fanout, Error> {
         let shards: Vec<usize> = match shards {
             None => (0..self.shards).collect(),
             Some(set) if set.is_empty() => vec![0], // contradictory keys: no row anywhere
@@ -249,10 +307,46 @@ impl Router {
         if let [one] = shards.as_slice() {
             return Ok(Fanout::One(ShardId(*one)));
         }
-        if let Some(need) = &analysis.needs_merge {
-            return Err(Error::Unsupported(format!("{need} over several shards")));
-        }
         Ok(Fanout::Scatter(shards.into_iter().map(ShardId).collect()))
+    }
+
+    /// The (cached) rewrite of a statement for a scatter, with its LIMIT/OFFSET values.
+    fn merge_plan(&self, sql: &str, params: &Params<'_>) -> Result<Arc<MergePlan>, Error> {
+        let cached = self.rewrites.lock().get(sql).cloned();
+        let rewritten = match cached {
+            Some(r) => r,
+            None => {
+                let r = rewrite::rewrite(sql, &self.schema).map(Arc::new);
+                let mut cache = self.rewrites.lock();
+                if cache.len() >= CACHE_CAPACITY {
+                    cache.clear();
+                }
+                cache.insert(sql.into(), r.clone());
+                r
+            }
+        }
+        .map_err(Error::Unsupported)?;
+        let resolve = |c: Option<Count>| -> Result<Option<u64>, Error> {
+            match c {
+                None => Ok(None),
+                Some(Count::Const(n)) => Ok(Some(n)),
+                Some(Count::Param(n)) => match params.key(n) {
+                    Some(None) => Ok(None),
+                    Some(Some(ShardKey::Int(v))) => u64::try_from(v)
+                        .map(Some)
+                        .map_err(|_| Error::BadKey("LIMIT/OFFSET must not be negative".into())),
+                    _ => Err(Error::BadKey(format!(
+                        "cannot read parameter ${n} as a LIMIT/OFFSET count"
+                    ))),
+                },
+            }
+        };
+        Ok(Arc::new(MergePlan {
+            sql: Arc::from(rewritten.sql.as_str()),
+            limit: resolve(rewritten.spec.limit)?,
+            offset: resolve(rewritten.spec.offset)?.unwrap_or(0),
+            spec: Arc::new(rewritten.spec.clone()),
+        }))
     }
 
     /// Evaluates a key expression: `None` means every shard.

@@ -1,0 +1,435 @@
+//! Writes across shards against the real cluster: multi-row INSERTs split by shard (simple and
+//! extended protocol), UPDATE/DELETE ... RETURNING without a key, and two-phase commit: a
+//! transaction writing on two shards commits on both, a failing PREPARE leaves no trace, and a
+//! proxy killed between the phases is recovered at its next start.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Proxy, unique};
+use tessera::config::Config;
+use tessera::router::{Router, canonical_key};
+
+fn sqlstate(err: &tokio_postgres::Error) -> Option<&str> {
+    err.as_db_error().map(|e| e.code().code())
+}
+
+/// A sharded table `name (id bigint primary key, v text)` keyed by id, created through the
+/// proxy.
+async fn table(client: &tokio_postgres::Client, name: &str, extra: &str) {
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {name} (id bigint PRIMARY KEY, v text NOT NULL{extra})"
+        ))
+        .await
+        .expect("DDL through the proxy");
+}
+
+fn map(config: &mut Config, name: &str) {
+    config.sharding.tables.insert(name.to_string(), "id".into());
+}
+
+/// The ids each shard's primary holds, read directly.
+async fn ids_on_shards(name: &str) -> Vec<BTreeSet<i64>> {
+    let mut out = Vec::new();
+    for shard in 0..2 {
+        let client = common::connect_primary(shard).await;
+        let rows = client
+            .query(&format!("SELECT id FROM {name}"), &[])
+            .await
+            .expect("direct read");
+        out.push(rows.iter().map(|r| r.get::<_, i64>(0)).collect());
+    }
+    out
+}
+
+/// Where the router places each id.
+fn placement(config: &Config, name: &str, ids: &[i64]) -> Vec<BTreeSet<i64>> {
+    let router = Router::new(config).expect("router");
+    let mut out = vec![BTreeSet::new(), BTreeSet::new()];
+    for &id in ids {
+        let shard = router
+            .shard_of(&canonical_key(&id.to_string()), name)
+            .expect("placed");
+        out[shard].insert(id);
+    }
+    out
+}
+
+async fn prepared_xacts() -> Vec<String> {
+    let mut gids = Vec::new();
+    for shard in 0..2 {
+        let client = common::connect_superuser(shard).await;
+        for row in client
+            .query("SELECT gid FROM pg_prepared_xacts", &[])
+            .await
+            .expect("pg_prepared_xacts")
+        {
+            gids.push(row.get::<_, String>(0));
+        }
+    }
+    gids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_row_inserts_split_by_shard_in_both_protocols() {
+    let name = unique("split");
+    let proxy = Proxy::start_sharded(|c| map(c, &name)).await;
+    let client = proxy.connect().await;
+    table(&client, &name, "").await;
+
+    // Simple protocol, literal keys, RETURNING.
+    let ids: Vec<i64> = (1..=40).collect();
+    let values: Vec<String> = ids.iter().map(|i| format!("({i}, 'v{i}')")).collect();
+    let messages = client
+        .simple_query(&format!(
+            "INSERT INTO {name} (id, v) VALUES {} RETURNING id",
+            values.join(", ")
+        ))
+        .await
+        .expect("split insert");
+    let returned: BTreeSet<i64> = messages
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(returned, ids.iter().copied().collect());
+    let count = messages.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+        _ => None,
+    });
+    assert_eq!(count, Some(40));
+
+    // Extended protocol: parameters renumbered per shard, binary int8 keys.
+    let more: Vec<i64> = (41..=60).collect();
+    let placeholders: Vec<String> = (0..more.len())
+        .map(|k| format!("(${}, ${})", 2 * k + 1, 2 * k + 2))
+        .collect();
+    let texts: Vec<String> = more.iter().map(|i| format!("w{i}")).collect();
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::new();
+    for (id, text) in more.iter().zip(&texts) {
+        params.push(id);
+        params.push(text);
+    }
+    let rows = client
+        .query(
+            &format!(
+                "INSERT INTO {name} (id, v) VALUES {} RETURNING id, v",
+                placeholders.join(", ")
+            ),
+            &params,
+        )
+        .await
+        .expect("extended split insert");
+    let back: BTreeSet<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let want: BTreeSet<(i64, String)> = more.iter().map(|i| (*i, format!("w{i}"))).collect();
+    assert_eq!(back, want);
+
+    // Every row is on the shard that owns it, and only there.
+    let all: Vec<i64> = (1..=60).collect();
+    let config = {
+        let mut c = common::sharded_config();
+        map(&mut c, &name);
+        c
+    };
+    assert_eq!(ids_on_shards(&name).await, placement(&config, &name, &all));
+
+    // UPDATE and DELETE without a key: every shard's RETURNING rows, summed counts.
+    let rows = client
+        .query(&format!("UPDATE {name} SET v = v || '!' RETURNING id"), &[])
+        .await
+        .expect("update everywhere");
+    assert_eq!(rows.len(), 60);
+    let n = client
+        .execute(&format!("DELETE FROM {name} WHERE id > 50"), &[])
+        .await
+        .expect("delete everywhere");
+    assert_eq!(n, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_row_rolls_back_a_split_insert_everywhere() {
+    let name = unique("atomic");
+    let proxy = Proxy::start_sharded(|c| map(c, &name)).await;
+    let client = proxy.connect().await;
+    table(&client, &name, "").await;
+    client
+        .batch_execute(&format!("INSERT INTO {name} (id, v) VALUES (7, 'x')"))
+        .await
+        .expect("seed");
+    // 1..=20 spans both shards; 7 already exists on its shard.
+    let values: Vec<String> = (1..=20).map(|i| format!("({i}, 'v')")).collect();
+    let err = client
+        .batch_execute(&format!(
+            "INSERT INTO {name} (id, v) VALUES {}",
+            values.join(", ")
+        ))
+        .await
+        .expect_err("duplicate key");
+    assert_eq!(sqlstate(&err), Some("23505"), "{err}");
+    let held = ids_on_shards(&name).await;
+    let all: BTreeSet<i64> = held.iter().flatten().copied().collect();
+    assert_eq!(all, BTreeSet::from([7]), "nothing else landed anywhere");
+    // The session goes on.
+    let rows = client
+        .query(&format!("SELECT count(*) FROM {name}"), &[])
+        .await
+        .expect("next statement");
+    assert_eq!(rows[0].get::<_, i64>(0), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_on_two_shards_commits_with_two_phase_commit() {
+    let name = unique("tpc");
+    let proxy = Proxy::start_sharded(|c| map(c, &name)).await;
+    let mut client = proxy.connect().await;
+    table(&client, &name, "").await;
+    let tx = client.transaction().await.expect("begin");
+    for id in 1..=10i64 {
+        tx.execute(
+            &format!("INSERT INTO {name} (id, v) VALUES ($1, 'a')"),
+            &[&id],
+        )
+        .await
+        .expect("insert in tx");
+    }
+    tx.execute(
+        &format!("UPDATE {name} SET v = 'b' WHERE id IN (1, 2, 3, 4)"),
+        &[],
+    )
+    .await
+    .expect("update in tx");
+    tx.commit().await.expect("two-phase commit");
+    let held = ids_on_shards(&name).await;
+    assert!(!held[0].is_empty() && !held[1].is_empty(), "{held:?}");
+    assert_eq!(held.iter().map(BTreeSet::len).sum::<usize>(), 10);
+    let gids = prepared_xacts().await;
+    let node = proxy.handle.shared.config.node_id;
+    assert!(
+        !gids
+            .iter()
+            .any(|g| tessera::twopc::gid_node(g) == Some(node)),
+        "no prepared transaction left behind: {gids:?}"
+    );
+    // Rolled back on every shard.
+    let tx = client.transaction().await.expect("begin");
+    for id in 11..=20i64 {
+        tx.execute(
+            &format!("INSERT INTO {name} (id, v) VALUES ($1, 'a')"),
+            &[&id],
+        )
+        .await
+        .expect("insert in tx");
+    }
+    tx.rollback().await.expect("rollback");
+    assert_eq!(
+        ids_on_shards(&name)
+            .await
+            .iter()
+            .map(BTreeSet::len)
+            .sum::<usize>(),
+        10
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_failing_prepare_leaves_no_trace() {
+    let name = unique("tpcfail");
+    let proxy = Proxy::start_sharded(|c| map(c, &name)).await;
+    let client = proxy.connect().await;
+    // A deferred unique constraint is checked at PREPARE TRANSACTION, on one shard only.
+    table(
+        &client,
+        &name,
+        ", x int UNIQUE DEFERRABLE INITIALLY DEFERRED",
+    )
+    .await;
+    let config = {
+        let mut c = common::sharded_config();
+        map(&mut c, &name);
+        c
+    };
+    let placed = placement(&config, &name, &(1..=20).collect::<Vec<_>>());
+    let on0: Vec<i64> = placed[0].iter().copied().take(2).collect();
+    let on1: i64 = *placed[1].iter().next().expect("a key on shard 1");
+    for sql in [
+        "BEGIN".to_string(),
+        format!("INSERT INTO {name} (id, v, x) VALUES ({on1}, 'ok', 100)"),
+        format!(
+            "INSERT INTO {name} (id, v, x) VALUES ({}, 'dup', 5)",
+            on0[0]
+        ),
+        format!(
+            "INSERT INTO {name} (id, v, x) VALUES ({}, 'dup', 5)",
+            on0[1]
+        ),
+    ] {
+        client
+            .batch_execute(&sql)
+            .await
+            .expect("deferred: no error before commit");
+    }
+    let err = client
+        .batch_execute("COMMIT")
+        .await
+        .expect_err("PREPARE fails on shard 0");
+    assert_eq!(sqlstate(&err), Some("23505"), "{err}");
+    let held = ids_on_shards(&name).await;
+    assert!(held.iter().all(BTreeSet::is_empty), "{held:?}");
+    let node = proxy.handle.shared.config.node_id;
+    assert!(
+        !prepared_xacts()
+            .await
+            .iter()
+            .any(|g| tessera::twopc::gid_node(g) == Some(node))
+    );
+    // The session is usable and out of the transaction.
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {name} (id, v) VALUES ({on1}, 'again')"
+        ))
+        .await
+        .expect("next statement");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_phase_off_a_multi_shard_write_is_refused() {
+    let name = unique("notpc");
+    let proxy = Proxy::start_sharded(|c| {
+        map(c, &name);
+        c.two_phase.enabled = false;
+    })
+    .await;
+    let client = proxy.connect().await;
+    table(&client, &name, "").await;
+    client.batch_execute("BEGIN").await.expect("begin");
+    let mut refused = None;
+    for id in 1..=10 {
+        if let Err(e) = client
+            .batch_execute(&format!("INSERT INTO {name} (id, v) VALUES ({id}, 'a')"))
+            .await
+        {
+            refused = Some(e);
+            break;
+        }
+    }
+    let err = refused.expect("a second shard in one transaction is refused");
+    assert_eq!(sqlstate(&err), Some("0A000"), "{err}");
+    client.batch_execute("ROLLBACK").await.expect("rollback");
+    let values: Vec<String> = (1..=20).map(|i| format!("({i}, 'v')")).collect();
+    let err = client
+        .batch_execute(&format!(
+            "INSERT INTO {name} (id, v) VALUES {}",
+            values.join(", ")
+        ))
+        .await
+        .expect_err("split insert");
+    assert_eq!(sqlstate(&err), Some("0A000"), "{err}");
+}
+
+/// The `tessera` binary serving `config` (written to `dir`), with extra environment.
+fn serve(dir: &std::path::Path, config: &Config, env: &[(&str, &str)]) -> Child {
+    let path = dir.join("map.yaml");
+    std::fs::write(&path, yaml_serde::to_string(config).expect("yaml")).expect("write map");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));
+    cmd.args(["serve", "--config"])
+        .arg(&path)
+        .env_remove("TESSERA_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("tessera serve")
+}
+
+async fn connect_retry(conninfo: &str) -> tokio_postgres::Client {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match common::connect(conninfo).await {
+            Ok(c) => return c,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("proxy did not come up: {e}"),
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A proxy killed at `failpoint` during a two-phase commit; the next start finishes the
+/// transaction: committed everywhere if the decision was logged, else rolled back everywhere.
+async fn killed_between_phases(failpoint: &str, committed: bool) {
+    let name = unique("crash");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = common::sharded_config();
+    map(&mut config, &name);
+    config.node_id = 1000 + u16::from(committed);
+    config.two_phase.log = dir.path().join("decisions.log");
+    let port = free_port();
+    config.listen = format!("127.0.0.1:{port}");
+    let conninfo = format!("host=127.0.0.1 port={port} user=app password=app dbname=app");
+
+    let mut first = serve(dir.path(), &config, &[("TESSERA_FAILPOINT", failpoint)]);
+    let client = connect_retry(&conninfo).await;
+    table(&client, &name, "").await;
+    client.batch_execute("BEGIN").await.expect("begin");
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {name} (id, v) VALUES (1, 'a'), (2, 'b'), (3, 'c'), (4, 'd'), (5, 'e')"
+        ))
+        .await
+        .expect("split insert in a transaction");
+    let result = client.batch_execute("COMMIT").await;
+    assert!(result.is_err(), "the proxy died during COMMIT");
+    let status = first.wait().expect("first proxy exits");
+    assert!(!status.success());
+    let node = config.node_id;
+    let in_doubt: Vec<String> = prepared_xacts()
+        .await
+        .into_iter()
+        .filter(|g| tessera::twopc::gid_node(g) == Some(node))
+        .collect();
+    assert_eq!(in_doubt.len(), 2, "prepared on both shards: {in_doubt:?}");
+    assert!(ids_on_shards(&name).await.iter().all(BTreeSet::is_empty));
+
+    let mut second = serve(dir.path(), &config, &[]);
+    let client = connect_retry(&conninfo).await;
+    let left: Vec<String> = prepared_xacts()
+        .await
+        .into_iter()
+        .filter(|g| tessera::twopc::gid_node(g) == Some(node))
+        .collect();
+    assert!(left.is_empty(), "recovered at start: {left:?}");
+    let total: usize = ids_on_shards(&name).await.iter().map(BTreeSet::len).sum();
+    assert_eq!(total, if committed { 5 } else { 0 });
+    let rows = client
+        .query(&format!("SELECT count(*) FROM {name}"), &[])
+        .await
+        .expect("query after recovery");
+    assert_eq!(rows[0].get::<_, i64>(0), if committed { 5 } else { 0 });
+    let _ = second.kill();
+    let _ = second.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_killed_after_the_decision_commits_at_its_next_start() {
+    killed_between_phases("after-decision", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_killed_before_the_decision_rolls_back_at_its_next_start() {
+    killed_between_phases("after-prepare", false).await;
+}
