@@ -1053,6 +1053,9 @@ const DIFFERENTIAL: &[(&str, Order, &str)] = &[
     ("join", O, "SELECT u.id, u.name, count(o.id) AS n, sum(o.price) FROM {u} u JOIN {o} o ON o.user_id = u.id GROUP BY u.id, u.name ORDER BY n DESC, u.id LIMIT 15"),
     ("join", O, "SELECT o.status, u.active, count(*), min(o.placed_at), max(u.seen_at) FROM {u} u JOIN {o} o ON u.id = o.user_id WHERE o.amount > 0 GROUP BY o.status, u.active ORDER BY 1, 2"),
     ("join", M, "SELECT count(*), count(DISTINCT u.country), sum(o.amount), bool_or(u.active) FROM {u} u JOIN {o} o ON u.id = o.user_id"),
+    // Window functions partitioned by the shard key run on each shard.
+    ("window", O, "SELECT user_id, id, row_number() OVER (PARTITION BY user_id ORDER BY id), sum(amount) OVER (PARTITION BY user_id) FROM {o} ORDER BY user_id, id LIMIT 50"),
+    ("window", M, "SELECT o.user_id, o.id, rank() OVER (PARTITION BY o.user_id ORDER BY o.amount DESC, o.id) FROM {o} o"),
     // Joins with the reference table.
     ("reference join", M, "SELECT c.region, count(*) FROM {u} u JOIN {c} c ON c.code = u.country GROUP BY c.region"),
     ("reference join", O, "SELECT c.region, count(*), sum(o.amount), avg(o.price) FROM {o} o JOIN {u} u ON u.id = o.user_id JOIN {c} c ON c.code = u.country GROUP BY c.region ORDER BY c.region"),

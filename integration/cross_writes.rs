@@ -433,3 +433,84 @@ async fn a_proxy_killed_after_the_decision_commits_at_its_next_start() {
 async fn a_proxy_killed_before_the_decision_rolls_back_at_its_next_start() {
     killed_between_phases("after-prepare", false).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_ids_are_unique_across_proxies_in_both_protocols() {
+    let a = Proxy::start_sharded(|c| c.node_id = 11).await;
+    let b = Proxy::start_sharded(|c| c.node_id = 12).await;
+    let mut seen = BTreeSet::new();
+    for (proxy, node) in [(&a, 11u16), (&b, 12)] {
+        let client = proxy.connect().await;
+        // Simple protocol (text).
+        for m in client
+            .simple_query("SELECT tessera_next_id()")
+            .await
+            .expect("simple")
+        {
+            if let tokio_postgres::SimpleQueryMessage::Row(row) = m {
+                assert_eq!(row.columns()[0].name(), "tessera_next_id");
+                let id: i64 = row.get(0).expect("value").parse().expect("bigint");
+                assert_eq!(tessera::ids::node_of(id), node);
+                assert!(seen.insert(id));
+            }
+        }
+        // Extended protocol (binary), a prepared statement reused, and an alias.
+        let stmt = client
+            .prepare("select tessera_next_id() as id")
+            .await
+            .expect("prepare");
+        assert_eq!(stmt.columns()[0].name(), "id");
+        for _ in 0..200 {
+            let id: i64 = client.query_one(&stmt, &[]).await.expect("run").get(0);
+            assert_eq!(tessera::ids::node_of(id), node);
+            assert!(seen.insert(id), "duplicate id {id}");
+        }
+        // A later ordinary statement on the same session still reaches a server.
+        let one: i32 = client
+            .query_one("SELECT 1", &[])
+            .await
+            .expect("ordinary statement")
+            .get(0);
+        assert_eq!(one, 1);
+        // Usable as a key before the shard is known.
+        let id: i64 = client
+            .query_one("SELECT tessera_next_id()", &[])
+            .await
+            .expect("unnamed")
+            .get(0);
+        assert!(id > 0);
+    }
+    assert_eq!(seen.len(), 402);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_over_its_row_cap_fails_with_54000() {
+    let name = unique("cap");
+    let proxy = Proxy::start_sharded(|c| {
+        map(c, &name);
+        c.limits.max_merge_rows = 50;
+    })
+    .await;
+    let client = proxy.connect().await;
+    table(&client, &name, "").await;
+    let values: Vec<String> = (1..=200).map(|i| format!("({i}, 'v{i}')")).collect();
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {name} (id, v) VALUES {}",
+            values.join(", ")
+        ))
+        .await
+        .expect("load");
+    let err = client
+        .query(&format!("SELECT v, count(*) FROM {name} GROUP BY v"), &[])
+        .await
+        .expect_err("200 groups over a cap of 50");
+    assert_eq!(sqlstate(&err), Some("54000"), "{err}");
+    // Streaming merges hold a few rows per shard, whatever the cap.
+    let rows = client
+        .query(&format!("SELECT id FROM {name} ORDER BY id"), &[])
+        .await
+        .expect("ordered scan");
+    let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, (1..=200).collect::<Vec<_>>());
+}

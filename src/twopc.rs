@@ -749,7 +749,6 @@ fn statement_error(
     }
 }
 
-
 /// Test hook: with `TESSERA_FAILPOINT=<name>` in the environment, the process aborts at the
 /// named point of a two-phase commit (`after-prepare`, `after-decision`), as a crash would,
 /// so recovery can be tested against real servers.

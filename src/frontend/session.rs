@@ -185,6 +185,11 @@ pub struct Session {
     errors: u64,
     /// Where each portal was bound, so its Executes and Describes follow it.
     portals: HashMap<Bytes, ConnKey>,
+    /// Statements (by client name) that only call `tessera_next_id()`, answered by the proxy,
+    /// with the column name they return.
+    local_statements: HashMap<Bytes, String>,
+    /// Portals of those statements: column name and result format.
+    local_portals: HashMap<Bytes, (String, i16)>,
 }
 
 /// Why the session ended.
@@ -233,6 +238,8 @@ impl Session {
             ryw: HashMap::new(),
             errors: 0,
             portals: HashMap::new(),
+            local_statements: HashMap::new(),
+            local_portals: HashMap::new(),
         }
     }
 
@@ -470,6 +477,16 @@ impl Session {
             Ok(sql) => String::from_utf8_lossy(sql),
             Err(e) => return Err(self.client_error(e)),
         };
+        if let Some(column) = next_id_call(&sql) {
+            self.settle().await?;
+            let id = self.shared.ids.next();
+            next_id_description(&mut self.out, &column, 0);
+            next_id_row(&mut self.out, id, 0);
+            build::command_complete(&mut self.out, "SELECT 1");
+            let status = self.client_status();
+            build::ready_for_query(&mut self.out, status);
+            return Ok(());
+        }
         let effects = super::settings::effects(&sql);
         if effects.drops_prepared
             && let Some(reply) = self.deallocate(&sql)
@@ -876,7 +893,20 @@ impl Session {
         crate::twopc::failpoint("after-prepare");
         let decided = match failure {
             Some(_) => Err(None),
-            None => log.record_commit(&gid).map_err(Some),
+            None => {
+                // An fsync: off the async worker, which serves other clients meanwhile.
+                let (log, decided) = (log.clone(), gid.clone());
+                let path = log.path().to_path_buf();
+                tokio::task::spawn_blocking(move || log.record_commit(&decided))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(crate::twopc::Error::Write {
+                            path,
+                            source: std::io::Error::other(e.to_string()),
+                        })
+                    })
+                    .map_err(Some)
+            }
         };
         if let Err(log_error) = decided {
             let undo: Vec<(ConnKey, String)> = prepared
@@ -1414,6 +1444,9 @@ impl Session {
     async fn run_batch(&mut self) -> Result<(), End> {
         let batch = std::mem::take(&mut self.batch);
         let has_sync = batch.iter().any(|f| f.tag() == tag::SYNC);
+        if self.answers_locally(&batch) {
+            return self.run_local_batch(batch).await;
+        }
         // A lone Sync with nothing pending needs no server: answer it here.
         if self.pending().is_none() && batch.len() == 1 && has_sync {
             self.skip_until_sync = false;
@@ -1628,6 +1661,139 @@ impl Session {
                 && let Err(e) = self.conns[i].conn.send(&wire).await
             {
                 return Err(self.server_lost(i, e));
+            }
+        }
+        Ok(())
+    }
+
+    /// The batch only prepares, binds, describes and runs `SELECT tessera_next_id()`: the
+    /// proxy answers it without a server.
+    fn answers_locally(&self, batch: &[Frame]) -> bool {
+        // The common case costs one scan of each Parse for the function's name.
+        if self.local_statements.is_empty()
+            && !batch
+                .iter()
+                .any(|f| f.tag() == tag::PARSE && mentions_next_id(f.body()))
+        {
+            return false;
+        }
+        let mut statements: HashMap<&[u8], bool> = HashMap::new();
+        let mut portals: HashMap<&[u8], bool> = HashMap::new();
+        let mut any = false;
+        let statement_local = |name: &[u8], seen: &HashMap<&[u8], bool>| {
+            seen.get(name)
+                .copied()
+                .unwrap_or_else(|| self.local_statements.contains_key(name))
+        };
+        for frame in batch {
+            let body = frame.body();
+            let local = match frame.tag() {
+                tag::PARSE => match decode::parse(body) {
+                    Ok(p) => {
+                        let local = next_id_call(&String::from_utf8_lossy(p.query)).is_some();
+                        statements.insert(p.name, local);
+                        local
+                    }
+                    Err(_) => false,
+                },
+                tag::BIND => match decode::bind(body) {
+                    Ok(b) => {
+                        let local = statement_local(b.statement, &statements);
+                        portals.insert(b.portal, local);
+                        local
+                    }
+                    Err(_) => false,
+                },
+                tag::DESCRIBE | tag::CLOSE => match decode::target(body, "Describe") {
+                    Ok((b'S', name)) => statement_local(name, &statements),
+                    Ok((_, name)) => portals
+                        .get(name)
+                        .copied()
+                        .unwrap_or_else(|| self.local_portals.contains_key(name)),
+                    Err(_) => false,
+                },
+                tag::EXECUTE => match decode::cstr(body, "Execute") {
+                    Ok((name, _)) => portals
+                        .get(name)
+                        .copied()
+                        .unwrap_or_else(|| self.local_portals.contains_key(name)),
+                    Err(_) => false,
+                },
+                _ => continue,
+            };
+            if !local {
+                return false;
+            }
+            any = true;
+        }
+        any
+    }
+
+    /// Answers a batch [`Session::answers_locally`] accepted, message by message.
+    async fn run_local_batch(&mut self, batch: Vec<Frame>) -> Result<(), End> {
+        self.settle().await?;
+        for frame in batch {
+            let body = frame.body();
+            match frame.tag() {
+                tag::PARSE => {
+                    let p = decode::parse(body).map_err(|e| self.client_error(e))?;
+                    let column = next_id_call(&String::from_utf8_lossy(p.query))
+                        .expect("invariant: checked by answers_locally");
+                    self.local_statements
+                        .insert(Bytes::copy_from_slice(p.name), column);
+                    build::parse_complete(&mut self.out);
+                }
+                tag::BIND => {
+                    let b = decode::bind(body).map_err(|e| self.client_error(e))?;
+                    let (_, formats) =
+                        decode::bind_result_formats(b.rest).map_err(|e| self.client_error(e))?;
+                    let column = self
+                        .local_statements
+                        .get(b.statement)
+                        .cloned()
+                        .unwrap_or_default();
+                    let format = formats.first().copied().unwrap_or(0);
+                    self.local_portals
+                        .insert(Bytes::copy_from_slice(b.portal), (column, format));
+                    build::message(&mut self.out, b'2', |_| {});
+                }
+                tag::DESCRIBE => {
+                    let (kind, name) =
+                        decode::target(body, "Describe").map_err(|e| self.client_error(e))?;
+                    if kind == b'S' {
+                        let column = self.local_statements.get(name).cloned().unwrap_or_default();
+                        build::message(&mut self.out, b't', |b| b.put_i16(0));
+                        next_id_description(&mut self.out, &column, 0);
+                    } else {
+                        let (column, format) =
+                            self.local_portals.get(name).cloned().unwrap_or_default();
+                        next_id_description(&mut self.out, &column, format);
+                    }
+                }
+                tag::EXECUTE => {
+                    let (name, _) =
+                        decode::cstr(body, "Execute").map_err(|e| self.client_error(e))?;
+                    let format = self.local_portals.get(name).map_or(0, |p| p.1);
+                    let id = self.shared.ids.next();
+                    next_id_row(&mut self.out, id, format);
+                    build::command_complete(&mut self.out, "SELECT 1");
+                }
+                tag::CLOSE => {
+                    let (kind, name) =
+                        decode::target(body, "Close").map_err(|e| self.client_error(e))?;
+                    if kind == b'S' {
+                        self.local_statements.remove(name);
+                    } else {
+                        self.local_portals.remove(name);
+                    }
+                    build::close_complete(&mut self.out);
+                }
+                tag::SYNC => {
+                    self.skip_until_sync = false;
+                    let status = self.client_status();
+                    build::ready_for_query(&mut self.out, status);
+                }
+                _ => {} // Flush: the replies go out with the next flush of the relay loop
             }
         }
         Ok(())
@@ -1996,6 +2162,7 @@ impl Session {
         match frame.tag() {
             tag::PARSE => {
                 let parse = decode::parse(frame.body())?;
+                self.local_statements.remove(parse.name);
                 if parse.name.is_empty() {
                     let sql = String::from_utf8_lossy(parse.query);
                     self.unnamed = Some(Unnamed {
@@ -2040,6 +2207,7 @@ impl Session {
             }
             tag::BIND => {
                 let bind = decode::bind(frame.body())?;
+                self.local_portals.remove(bind.portal);
                 let portal_unnamed = bind.portal.is_empty();
                 if bind.statement.is_empty() {
                     self.ensure_unnamed(i, wire);
@@ -2569,6 +2737,57 @@ impl Session {
             }
         }
     }
+}
+
+/// If `sql` is `SELECT tessera_next_id() [AS name]`, the column name it returns.
+fn next_id_call(sql: &str) -> Option<String> {
+    if sql.len() > 128 || !mentions_next_id(sql.as_bytes()) {
+        return None;
+    }
+    let text = sql.trim().trim_end_matches(';').trim().to_ascii_lowercase();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let call = |w: &str| w == "tessera_next_id()";
+    match words.as_slice() {
+        ["select", f] if call(f) => Some("tessera_next_id".into()),
+        ["select", f, "as", name] | ["select", f, name]
+            if call(f) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+        {
+            Some((*name).to_string())
+        }
+        _ => None,
+    }
+}
+
+fn mentions_next_id(text: &[u8]) -> bool {
+    text.windows(15)
+        .any(|w| w.eq_ignore_ascii_case(b"tessera_next_id"))
+}
+
+/// The RowDescription of `SELECT tessera_next_id()`: one bigint column.
+fn next_id_description(out: &mut BytesMut, column: &str, format: i16) {
+    build::message(out, tag::ROW_DESCRIPTION, |b| {
+        b.put_i16(1);
+        build::cstr(b, column.as_bytes());
+        b.put_u32(0);
+        b.put_i16(0);
+        b.put_u32(20);
+        b.put_i16(8);
+        b.put_i32(-1);
+        b.put_i16(format);
+    });
+}
+
+fn next_id_row(out: &mut BytesMut, id: i64, format: i16) {
+    let value = if format == 1 {
+        id.to_be_bytes().to_vec()
+    } else {
+        id.to_string().into_bytes()
+    };
+    build::message(out, tag::DATA_ROW, |b| {
+        b.put_i16(1);
+        b.put_i32(value.len() as i32);
+        b.put_slice(&value);
+    });
 }
 
 /// The portal an Execute, Describe('P') or Close('P') refers to.

@@ -10,8 +10,8 @@
 use sqlparser::ast::{
     BinaryOperator, CastKind, DuplicateTreatment, Expr, Fetch, Function, FunctionArg,
     FunctionArgExpr, FunctionArguments, GroupByExpr, Ident, LimitClause, ObjectName,
-    ObjectNamePart, OrderByKind, OrderBySort, Query, SelectItem, SetExpr, Statement, UnaryOperator,
-    Value,
+    ObjectNamePart, OrderByKind, OrderBySort, Query, SelectItem, SetExpr, Statement,
+    TableWithJoins, UnaryOperator, Value, WindowType,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -85,9 +85,11 @@ fn rewrite_query(query: &mut Query, schema: &Schema) -> Result<MergeSpec, String
     }
     for item in &select.projection {
         if let SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } = item
-            && has_window(e)
+            && has_cross_shard_window(e, schema, &select.from)
         {
-            return Err("window functions over several shards".into());
+            return Err(
+                "window functions over several shards (unless partitioned by the shard key)".into(),
+            );
         }
     }
     let wildcard = select.projection.iter().any(|i| {
@@ -659,14 +661,25 @@ fn has_aggregate(e: &Expr) -> bool {
     found
 }
 
-fn has_window(e: &Expr) -> bool {
+/// A window function whose partitions may span shards: any window not partitioned by the
+/// shard key (a partition by the key lives on one shard, so each shard's answer is exact).
+fn has_cross_shard_window(e: &Expr, schema: &Schema, from: &[TableWithJoins]) -> bool {
     let mut found = false;
     let _ = sqlparser::ast::visit_expressions(e, |x| {
         if let Expr::Function(f) = x
-            && f.over.is_some()
+            && let Some(over) = &f.over
         {
-            found = true;
-            return std::ops::ControlFlow::Break(());
+            let on_key = match over {
+                WindowType::WindowSpec(spec) => spec
+                    .partition_by
+                    .iter()
+                    .any(|p| analyze::is_shard_key(p, schema, from)),
+                WindowType::NamedWindow(_) => false,
+            };
+            if !on_key {
+                found = true;
+                return std::ops::ControlFlow::Break(());
+            }
         }
         std::ops::ControlFlow::Continue(())
     });
@@ -851,6 +864,14 @@ mod tests {
     }
 
     #[test]
+    fn windows_partitioned_by_the_shard_key_run_per_shard() {
+        let r = rw(
+            "SELECT user_id, row_number() OVER (PARTITION BY user_id ORDER BY id) FROM orders ORDER BY user_id",
+        );
+        assert_eq!(r.spec.order[0].col, Col::Visible(0));
+    }
+
+    #[test]
     fn refusals_name_the_construct() {
         for (sql, needle) in [
             (
@@ -860,6 +881,10 @@ mod tests {
             ("SELECT string_agg(name, ',') FROM users", "string_agg"),
             ("SELECT DISTINCT ON (name) name FROM users", "DISTINCT ON"),
             ("SELECT row_number() OVER () FROM users", "window"),
+            (
+                "SELECT row_number() OVER (PARTITION BY name ORDER BY id) FROM users",
+                "window",
+            ),
             ("SELECT name FROM users ORDER BY name USING <", "USING"),
             (
                 "SELECT DISTINCT name FROM users ORDER BY id",
