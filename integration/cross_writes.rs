@@ -514,3 +514,128 @@ async fn a_merge_over_its_row_cap_fails_with_54000() {
     let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(ids, (1..=200).collect::<Vec<_>>());
 }
+
+async fn copy_in(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    data: &str,
+) -> Result<u64, tokio_postgres::Error> {
+    use futures::SinkExt;
+    let sink = client.copy_in(sql).await?;
+    futures::pin_mut!(sink);
+    // Several messages, cut mid-row, as a client streaming a file would send them.
+    for chunk in data.as_bytes().chunks(37) {
+        sink.send(bytes::Bytes::copy_from_slice(chunk)).await?;
+    }
+    sink.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_from_stdin_splits_rows_by_shard() {
+    let name = unique("copy");
+    let reference = unique("copyref");
+    let proxy = Proxy::start_sharded(|c| {
+        map(c, &name);
+        c.sharding.reference_tables.push(reference.clone());
+    })
+    .await;
+    let client = proxy.connect().await;
+    table(&client, &name, "").await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {reference} (code text PRIMARY KEY, label text)"
+        ))
+        .await
+        .expect("reference DDL");
+
+    // Text format, with escapes in the data.
+    let text: String = (1..=300).map(|i| format!("{i}\tline\\t{i}\\n\n")).collect();
+    let n = copy_in(&client, &format!("COPY {name} (id, v) FROM STDIN"), &text)
+        .await
+        .expect("text copy");
+    assert_eq!(n, 300);
+    // CSV with a header, quoted delimiters and a quoted newline; key not the first column.
+    let mut csv = String::from("v,id\n");
+    for i in 301..=400 {
+        csv.push_str(&format!("\"a,\"\"b\"\"\nc{i}\",{i}\n"));
+    }
+    let n = copy_in(
+        &client,
+        &format!("COPY {name} (v, id) FROM STDIN WITH (FORMAT csv, HEADER true)"),
+        &csv,
+    )
+    .await
+    .expect("csv copy");
+    assert_eq!(n, 100);
+    let config = {
+        let mut c = common::sharded_config();
+        map(&mut c, &name);
+        c
+    };
+    let all: Vec<i64> = (1..=400).collect();
+    assert_eq!(ids_on_shards(&name).await, placement(&config, &name, &all));
+    let row = client
+        .query_one(&format!("SELECT v FROM {name} WHERE id = 350"), &[])
+        .await
+        .expect("csv row");
+    assert_eq!(row.get::<_, String>(0), "a,\"b\"\nc350");
+    let row = client
+        .query_one(&format!("SELECT v FROM {name} WHERE id = 7"), &[])
+        .await
+        .expect("text row");
+    assert_eq!(row.get::<_, String>(0), "line\t7\n");
+
+    // A bad row anywhere: nothing of that COPY lands on any shard.
+    let bad: String = (401..=450)
+        .map(|i| format!("{i}\tok\n"))
+        .chain(std::iter::once("3\tduplicate\n".to_string()))
+        .collect();
+    let err = copy_in(&client, &format!("COPY {name} (id, v) FROM STDIN"), &bad)
+        .await
+        .expect_err("duplicate key");
+    assert_eq!(sqlstate(&err), Some("23505"), "{err}");
+    let err = copy_in(
+        &client,
+        &format!("COPY {name} (id, v) FROM STDIN"),
+        "\\N\tnull key\n",
+    )
+    .await
+    .expect_err("null key");
+    assert_eq!(sqlstate(&err), Some("23502"), "{err}");
+    let total: usize = ids_on_shards(&name).await.iter().map(BTreeSet::len).sum();
+    assert_eq!(total, 400);
+
+    // COPY TO STDOUT: every shard's rows, one stream.
+    use futures::TryStreamExt;
+    let stream = client
+        .copy_out(&format!("COPY {name} (id) TO STDOUT"))
+        .await
+        .expect("copy out");
+    let chunks: Vec<bytes::Bytes> = stream.try_collect().await.expect("copy data");
+    let text: String = chunks
+        .iter()
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect();
+    let mut ids: Vec<i64> = text.lines().map(|l| l.parse().expect("id")).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, all);
+
+    // A table copied on every shard gets every row everywhere.
+    let n = copy_in(
+        &client,
+        &format!("COPY {reference} FROM STDIN"),
+        "de\tGermany\nfr\tFrance\n",
+    )
+    .await
+    .expect("reference copy");
+    assert_eq!(n, 2);
+    for shard in 0..2 {
+        let direct = common::connect_primary(shard).await;
+        let n: i64 = direct
+            .query_one(&format!("SELECT count(*) FROM {reference}"), &[])
+            .await
+            .expect("direct count")
+            .get(0);
+        assert_eq!(n, 2, "shard {shard}");
+    }
+}

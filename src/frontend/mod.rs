@@ -2,6 +2,7 @@
 //! session in [`session`].
 
 pub mod auth;
+pub mod copy;
 pub mod session;
 pub mod settings;
 

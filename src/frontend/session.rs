@@ -26,13 +26,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::Login;
+use super::copy;
 use super::settings::{Change, Settings};
 use crate::backend::health::InFlight;
 use crate::backend::{self, PooledConn};
 use crate::config::PoolMode;
 use crate::merge::{self, Merger};
 use crate::protocol::{self, Frame, FrameReader, TxStatus, build, decode, tag};
-use crate::router::analyze::{Analysis, TxCommand};
+use crate::router::analyze::{Analysis, CopySpec, TxCommand};
 use crate::router::params::Params;
 use crate::router::{self, Fanout, MergePlan, Plan, lex};
 use crate::server::{Shared, Statement};
@@ -47,6 +48,7 @@ thread_local! {
         reason: Arc::from("single shard, primary only: passthrough"),
         merge: None,
         split: None,
+        copy: None,
     };
 }
 
@@ -150,6 +152,10 @@ struct Merge {
     merger: Option<Merger>,
     /// The connections of the merge, in shard order (a merger's shard slots).
     slots: Vec<ConnKey>,
+    /// COPY TO STDOUT: every shard's data, one CopyDone at the end.
+    copy_out: bool,
+    /// No ReadyForQuery at the end: the client's Sync asks for it (extended-protocol COPY).
+    no_ready: bool,
 }
 
 /// The client's unnamed prepared statement.
@@ -190,6 +196,27 @@ pub struct Session {
     local_statements: HashMap<Bytes, String>,
     /// Portals of those statements: column name and result format.
     local_portals: HashMap<Bytes, (String, i16)>,
+    /// A COPY FROM STDIN being split across shards.
+    copy_in: Option<CopyIn>,
+    /// The next scatter is a COPY TO STDOUT (its CopyData is concatenated).
+    copy_out: bool,
+}
+
+/// A COPY FROM STDIN spread over several shards: the client's rows are cut out of its
+/// CopyData stream and each is sent to the shard that owns it.
+struct CopyIn {
+    rows: copy::Rows,
+    spec: Arc<CopySpec>,
+    /// The connections, in shard order (`conns[shard]`).
+    conns: Vec<ConnKey>,
+    /// Data waiting to be sent to each shard.
+    pending: Vec<BytesMut>,
+    /// The next row is the CSV header: every shard gets it.
+    header: bool,
+    /// Why the copy was abandoned (the shards got CopyFail): the client's error.
+    failed: Option<(&'static str, String)>,
+    /// Started through the extended protocol: the client's next Sync gets the ReadyForQuery.
+    extended: bool,
 }
 
 /// Why the session ended.
@@ -240,6 +267,8 @@ impl Session {
             portals: HashMap::new(),
             local_statements: HashMap::new(),
             local_portals: HashMap::new(),
+            copy_in: None,
+            copy_out: false,
         }
     }
 
@@ -435,6 +464,9 @@ impl Session {
                 self.batch.push(frame);
                 self.run_batch().await
             }
+            tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL if self.copy_in.is_some() => {
+                self.on_copy_in(frame).await
+            }
             tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
                 // Outside COPY mode Postgres ignores these; so do we.
                 if let Some(i) = self.conns.iter().position(|h| h.copy_in) {
@@ -546,6 +578,10 @@ impl Session {
                 )
                 .await
             }
+            _ if plan.copy.as_ref().is_some_and(|c| !c.to) => {
+                let spec = plan.copy.clone().expect("invariant: matched");
+                self.start_copy_in(&plan, spec, frame).await
+            }
             Fanout::Scatter(_) if lex::statements(&sql).len() > 1 => {
                 self.refuse_statement(&router::Error::Unsupported(
                     "a multi-statement query on several shards".into(),
@@ -567,6 +603,7 @@ impl Session {
                     None => frame.into_bytes(),
                 };
                 let split = plan.split.clone();
+                self.copy_out = plan.copy.as_ref().is_some_and(|c| c.to);
                 self.scatter(&shards, &plan, broadcast, |session, i, wire| {
                     let shard = session.conns[i].key.shard;
                     match split
@@ -1222,17 +1259,15 @@ impl Session {
             }
             // One statement, several shards: it runs in a transaction of the proxy's own and
             // commits with two-phase commit, so it lands everywhere or nowhere.
-            self.settle().await?;
-            let mut begin = BytesMut::new();
-            build::query(&mut begin, "BEGIN");
-            self.tx = Some(Tx {
-                begin: begin.freeze(),
-                read_only: false,
-                failed: false,
-                written: shards.iter().copied().collect(),
-                implicit: true,
-            });
+            self.begin_implicit(shards).await?;
         }
+        // A write marks each connection, so read your writes covers every shard it touched.
+        let writes = plan.writes;
+        let mut build = build;
+        let build = move |session: &mut Self, i: usize, wire: &mut BytesMut| {
+            session.conns[i].wrote |= writes;
+            build(session, i, wire)
+        };
         self.scatter_on(&keys, broadcast, plan.merge.clone(), build)
             .await
     }
@@ -1242,14 +1277,46 @@ impl Session {
         keys: &[ConnKey],
         broadcast: bool,
         plan: Option<Arc<MergePlan>>,
-        mut build: impl FnMut(&mut Self, usize, &mut BytesMut) -> Result<Vec<Kind>, protocol::Error>,
+        build: impl FnMut(&mut Self, usize, &mut BytesMut) -> Result<Vec<Kind>, protocol::Error>,
     ) -> Result<(), End> {
-        // Take every connection first, injected messages drained, so replies start clean.
+        let Some(idx) = self.gather_start(keys, build).await? else {
+            return Ok(());
+        };
+        let merger = plan.map(|m| {
+            Merger::new(
+                m.spec.clone(),
+                m.limit,
+                m.offset,
+                idx.len(),
+                self.shared.config.limits.max_merge_rows,
+                self.shared.health.text_bytewise(),
+            )
+        });
+        self.merge = Some(Merge {
+            broadcast,
+            merger,
+            slots: idx.clone(),
+            copy_out: std::mem::take(&mut self.copy_out),
+            ..Merge::default()
+        });
+        self.gather_finish(&idx).await
+    }
+
+    /// Takes a connection for each key (injected messages drained, so replies start clean)
+    /// and sends each the messages `build` writes. `None` if the client already got an error.
+    async fn gather_start(
+        &mut self,
+        keys: &[ConnKey],
+        mut build: impl FnMut(&mut Self, usize, &mut BytesMut) -> Result<Vec<Kind>, protocol::Error>,
+    ) -> Result<Option<Vec<ConnKey>>, End> {
         let mut idx = Vec::with_capacity(keys.len());
         for &key in keys {
             let i = match self.pin(key).await {
                 Ok(i) => i,
-                Err(e) => return self.refuse_request(&e).await,
+                Err(e) => {
+                    self.refuse_request(&e).await?;
+                    return Ok(None);
+                }
             };
             self.drain(i).await?;
             // pin may have fallen back from a replica to the primary.
@@ -1273,24 +1340,15 @@ impl Session {
                 return Err(self.server_lost(i, e));
             }
         }
-        let merger = plan.map(|m| {
-            Merger::new(
-                m.spec.clone(),
-                m.limit,
-                m.offset,
-                idx.len(),
-                self.shared.config.limits.max_merge_rows,
-                self.shared.health.text_bytewise(),
-            )
-        });
-        let merging = merger.is_some();
-        self.merge = Some(Merge {
-            broadcast,
-            merger,
-            slots: idx.clone(),
-            ..Merge::default()
-        });
-        if merging && let Err(end) = self.merge_rows(&idx).await {
+        Ok(Some(idx))
+    }
+
+    /// Drains the replies of a statement sent to `idx` through the merge in `self.merge`,
+    /// then writes its completion (or error) and ReadyForQuery; ends the proxy's own
+    /// transaction around it, if any.
+    async fn gather_finish(&mut self, idx: &[ConnKey]) -> Result<(), End> {
+        let merging = self.merge.as_ref().is_some_and(|m| m.merger.is_some());
+        if merging && let Err(end) = self.merge_rows(idx).await {
             self.merge = None;
             return Err(end);
         }
@@ -1317,6 +1375,9 @@ impl Session {
                 }
             }
         }
+        if merge.copy_out && !merge.error {
+            build::message(&mut self.out, tag::COPY_DONE, |_| {});
+        }
         if self.tx.as_ref().is_some_and(|tx| tx.implicit) {
             self.finish_implicit(&mut merge).await?;
         }
@@ -1330,8 +1391,349 @@ impl Session {
         {
             tx.failed = true;
         }
-        let status = self.client_status();
-        build::ready_for_query(&mut self.out, status);
+        if !merge.no_ready {
+            let status = self.client_status();
+            build::ready_for_query(&mut self.out, status);
+        }
+        Ok(())
+    }
+
+    /// Starts a COPY FROM STDIN on every shard it writes to (in a transaction, the proxy's
+    /// own if the client has none, so the copy lands everywhere or nowhere).
+    async fn start_copy_in(
+        &mut self,
+        plan: &Plan,
+        spec: Arc<CopySpec>,
+        frame: Frame,
+    ) -> Result<(), End> {
+        let shards = self.fanout_shards(&plan.fanout);
+        if let Err(e) = self.note_write(plan, &shards) {
+            return self.refuse_statement(&e).await;
+        }
+        if self.tx.is_none() {
+            if self.shared.decisions.is_none() {
+                return self
+                    .refuse_statement(&router::Error::Unsupported(
+                        "a COPY that writes on several shards with two-phase commit disabled (two_phase.enabled: false)".into(),
+                    ))
+                    .await;
+            }
+            self.begin_implicit(&shards).await?;
+        }
+        let keys: Vec<ConnKey> = shards.iter().map(|&s| self.choose(s, plan)).collect();
+        let statement = frame.into_bytes();
+        let Some(idx) = self
+            .gather_start(&keys, |session, i, wire| {
+                session.conns[i].wrote = true;
+                wire.extend_from_slice(&statement);
+                Ok(vec![Kind::Query {
+                    changes: Vec::new(),
+                }])
+            })
+            .await?
+        else {
+            return Ok(());
+        };
+        self.merge = Some(Merge {
+            broadcast: matches!(plan.fanout, Fanout::Broadcast),
+            slots: idx.clone(),
+            ..Merge::default()
+        });
+        // Every shard must reach COPY mode; the first one's CopyInResponse is the client's.
+        for (n, &key) in idx.iter().enumerate() {
+            if let Some(m) = self.merge.as_mut() {
+                m.first = n == 0;
+            }
+            let i = self.index(key);
+            while !self.conns[i].copy_in && !self.conns[i].expect.is_empty() {
+                self.read_one(i).await?;
+            }
+        }
+        if self.merge.as_ref().is_some_and(|m| m.error) {
+            self.abandon_copy(&idx, "a shard refused the COPY").await?;
+            return self.gather_finish(&idx).await;
+        }
+        self.copy_in = Some(CopyIn {
+            rows: copy::Rows::new(spec.clone()),
+            header: spec.header,
+            spec,
+            pending: vec![BytesMut::new(); idx.len()],
+            conns: idx,
+            failed: None,
+            extended: false,
+        });
+        Ok(())
+    }
+
+    /// A COPY FROM STDIN across shards through the extended protocol (Bind, Execute, Sync, as
+    /// drivers send it): the shards run it as a simple query; the client gets the replies of
+    /// the extended protocol, its ReadyForQuery after the Sync that follows CopyDone.
+    async fn extended_copy_in(
+        &mut self,
+        batch: Vec<Frame>,
+        plan: Plan,
+        spec: Arc<CopySpec>,
+    ) -> Result<(), End> {
+        self.settle().await?;
+        let has_sync = batch.iter().any(|f| f.tag() == tag::SYNC);
+        let mut sql = None;
+        for frame in &batch {
+            match frame.tag() {
+                tag::PARSE => {
+                    let parse = decode::parse(frame.body()).map_err(|e| self.client_error(e))?;
+                    sql = Some(String::from_utf8_lossy(parse.query).into_owned());
+                    if parse.name.is_empty() {
+                        self.unnamed = Some(Unnamed {
+                            parse: frame.bytes().clone(),
+                            analysis: self.shared.router.analyze(sql.as_deref().unwrap_or("")),
+                            types: crate::server::parse_param_types(parse.param_types),
+                            changes: Vec::new(),
+                        });
+                        for held in &mut self.conns {
+                            held.unnamed_ready = false;
+                        }
+                    } else {
+                        let stmt = self.shared.statements.intern(&parse, &self.shared.router);
+                        self.statements
+                            .insert(Bytes::copy_from_slice(parse.name), stmt);
+                    }
+                    build::parse_complete(&mut self.out);
+                }
+                tag::BIND => {
+                    let bind = decode::bind(frame.body()).map_err(|e| self.client_error(e))?;
+                    let parse = if bind.statement.is_empty() {
+                        self.unnamed.as_ref().map(|u| u.parse.clone())
+                    } else {
+                        self.statements.get(bind.statement).map(|s| s.parse.clone())
+                    };
+                    if let Some(p) = parse
+                        && let Some(Ok(p)) = p.get(5..).map(decode::parse)
+                    {
+                        sql = Some(String::from_utf8_lossy(p.query).into_owned());
+                    }
+                    build::message(&mut self.out, b'2', |_| {});
+                }
+                tag::DESCRIBE => {
+                    if let Ok((b'S', _)) = decode::target(frame.body(), "Describe") {
+                        build::message(&mut self.out, b't', |b| b.put_i16(0));
+                    }
+                    build::message(&mut self.out, b'n', |_| {});
+                }
+                tag::EXECUTE => {
+                    let Some(sql) = sql.take() else {
+                        super::error(
+                            &mut self.out,
+                            "26000",
+                            "the COPY statement to execute is unknown",
+                        );
+                        return self.end_failed_batch(has_sync);
+                    };
+                    let mut query = BytesMut::new();
+                    build::query(&mut query, &sql);
+                    let started = self
+                        .start_copy_in(&plan, spec.clone(), Frame::from_bytes(query.freeze()))
+                        .await;
+                    if let Some(c) = self.copy_in.as_mut() {
+                        // The client's Sync in this batch is consumed by the COPY, as on
+                        // Postgres; the one after CopyDone gets the ReadyForQuery.
+                        c.extended = true;
+                    }
+                    return started;
+                }
+                _ => {}
+            }
+        }
+        if has_sync {
+            let status = self.client_status();
+            build::ready_for_query(&mut self.out, status);
+        }
+        Ok(())
+    }
+
+    /// The proxy's own transaction around one statement that writes on several shards.
+    async fn begin_implicit(&mut self, shards: &[usize]) -> Result<(), End> {
+        self.settle().await?;
+        let mut begin = BytesMut::new();
+        build::query(&mut begin, "BEGIN");
+        self.tx = Some(Tx {
+            begin: begin.freeze(),
+            read_only: false,
+            failed: false,
+            written: shards.iter().copied().collect(),
+            implicit: true,
+        });
+        Ok(())
+    }
+
+    /// CopyFail to every shard still copying: each ends its COPY with an error.
+    async fn abandon_copy(&mut self, idx: &[ConnKey], why: &str) -> Result<(), End> {
+        let mut fail = BytesMut::new();
+        build::message(&mut fail, tag::COPY_FAIL, |b| {
+            build::cstr(b, why.as_bytes())
+        });
+        for &key in idx {
+            let i = self.index(key);
+            if self.conns[i].copy_in {
+                self.conns[i].copy_in = false;
+                if let Err(e) = self.conns[i].conn.send(&fail).await {
+                    return Err(self.server_lost(i, e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The client's CopyData, CopyDone or CopyFail during a COPY spread over shards.
+    async fn on_copy_in(&mut self, frame: Frame) -> Result<(), End> {
+        let Some(mut c) = self.copy_in.take() else {
+            return Ok(());
+        };
+        match frame.tag() {
+            tag::COPY_DATA => {
+                if c.failed.is_none() {
+                    c.rows.push(frame.body());
+                    while let Some(row) = c.rows.next_row() {
+                        self.route_copy_row(&mut c, row);
+                    }
+                    self.send_copy_data(&mut c, 64 * 1024).await?;
+                    self.copy_failed(&c).await?;
+                }
+                self.copy_in = Some(c);
+                Ok(())
+            }
+            tag::COPY_DONE => {
+                if c.failed.is_none() {
+                    if let Some(row) = c.rows.rest() {
+                        self.route_copy_row(&mut c, row);
+                    }
+                    self.send_copy_data(&mut c, 0).await?;
+                    self.copy_failed(&c).await?;
+                }
+                if c.failed.is_some() {
+                    if let Some(m) = self.merge.as_mut() {
+                        m.no_ready = c.extended;
+                    }
+                } else {
+                    let mut done = BytesMut::new();
+                    build::message(&mut done, tag::COPY_DONE, |_| {});
+                    if let Some(m) = self.merge.as_mut() {
+                        m.no_ready = c.extended;
+                    }
+                    for &key in &c.conns {
+                        let i = self.index(key);
+                        self.conns[i].copy_in = false;
+                        if let Err(e) = self.conns[i].conn.send(&done).await {
+                            return Err(self.server_lost(i, e));
+                        }
+                    }
+                }
+                self.gather_finish(&c.conns).await
+            }
+            _ => {
+                // CopyFail: every shard fails the COPY with the client's message.
+                if let Some(m) = self.merge.as_mut() {
+                    m.no_ready = c.extended;
+                }
+                for &key in &c.conns {
+                    let i = self.index(key);
+                    if self.conns[i].copy_in {
+                        self.conns[i].copy_in = false;
+                        if let Err(e) = self.conns[i].conn.send(frame.bytes()).await {
+                            return Err(self.server_lost(i, e));
+                        }
+                    }
+                }
+                self.gather_finish(&c.conns).await
+            }
+        }
+    }
+
+    /// A row could not be routed: the client gets the error now (once) and every shard
+    /// abandons the COPY; the shards' own errors about it are not the client's.
+    async fn copy_failed(&mut self, c: &CopyIn) -> Result<(), End> {
+        let Some((code, message)) = &c.failed else {
+            return Ok(());
+        };
+        if let Some(m) = self.merge.as_mut()
+            && !m.error
+        {
+            m.error = true;
+            super::error(&mut self.out, code, message);
+            self.abandon_copy(&c.conns, "the proxy could not route a row")
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Queues one row for the shard that owns it (every shard for a header, the end marker,
+    /// or a table copied on every shard).
+    fn route_copy_row(&mut self, c: &mut CopyIn, row: Bytes) {
+        let everywhere = std::mem::take(&mut c.header) || copy::is_end_marker(&row);
+        let shard = match c.spec.key {
+            Some(_) if everywhere => None,
+            None => None,
+            Some(index) => match copy::key_field(&c.spec, &row, index) {
+                Ok(Some(key)) => {
+                    match self
+                        .shared
+                        .router
+                        .shard_of(&router::canonical_key(&key), &c.spec.table)
+                    {
+                        Ok(shard) => Some(shard),
+                        Err(e) => {
+                            c.failed.get_or_insert((e.sqlstate(), e.to_string()));
+                            return;
+                        }
+                    }
+                }
+                Ok(None) => {
+                    c.failed.get_or_insert((
+                        "23502",
+                        format!(
+                            "null value in the shard key of \"{}\" in a COPY row",
+                            c.spec.table
+                        ),
+                    ));
+                    return;
+                }
+                Err(e) => {
+                    c.failed.get_or_insert(("22P04", e));
+                    return;
+                }
+            },
+        };
+        match shard {
+            Some(s) => match c.conns.iter().position(|k| k.shard == s) {
+                Some(slot) => c.pending[slot].extend_from_slice(&row),
+                None => {
+                    c.failed.get_or_insert((
+                        "XX000",
+                        format!("no connection to shard {s} for a COPY row"),
+                    ));
+                }
+            },
+            None => {
+                for p in &mut c.pending {
+                    p.extend_from_slice(&row);
+                }
+            }
+        }
+    }
+
+    /// Sends each shard its queued rows as CopyData once more than `min` bytes wait.
+    async fn send_copy_data(&mut self, c: &mut CopyIn, min: usize) -> Result<(), End> {
+        for (slot, &key) in c.conns.iter().enumerate() {
+            if c.pending[slot].is_empty() || c.pending[slot].len() < min {
+                continue;
+            }
+            let data = c.pending[slot].split();
+            let mut msg = BytesMut::with_capacity(data.len() + 5);
+            build::message(&mut msg, tag::COPY_DATA, |b| b.extend_from_slice(&data));
+            let i = self.index(key);
+            if let Err(e) = self.conns[i].conn.send(&msg).await {
+                return Err(self.server_lost(i, e));
+            }
+        }
         Ok(())
     }
 
@@ -1924,6 +2326,13 @@ impl Session {
             );
             return self.end_failed_batch(batch.iter().any(|f| f.tag() == tag::SYNC));
         }
+        if let Some(spec) = plan.copy.clone() {
+            if !spec.to {
+                return self.extended_copy_in(batch, plan, spec).await;
+            }
+            // COPY TO: every shard's data concatenated, like rows.
+            self.copy_out = true;
+        }
         if batch.last().map(Frame::tag) != Some(tag::SYNC) {
             self.settle().await?;
             super::error(
@@ -2481,6 +2890,8 @@ impl Session {
         };
         match t {
             tag::DATA_ROW => !merge.error && (merge.first || !merge.broadcast),
+            tag::COPY_DATA if merge.copy_out => !merge.error,
+            tag::COPY_DONE if merge.copy_out => false,
             tag::COMMAND_COMPLETE => {
                 let text = decode::command_complete(frame.body()).unwrap_or_default();
                 if merge.first {

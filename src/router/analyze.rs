@@ -97,8 +97,28 @@ pub enum Route {
     Insert { table: String, rows: Vec<KeySource> },
     /// DDL and utility commands: every shard, one reply.
     Broadcast,
+    /// COPY of a sharded table (in: rows split by key; out: every shard's rows), or COPY FROM
+    /// into a table copied on every shard (every row to every shard).
+    Copy(Arc<CopySpec>),
     /// Cannot be run correctly across shards (the reason names the construct).
     Unsupported(String),
+}
+
+/// What the proxy must know to run a COPY across shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopySpec {
+    pub table: String,
+    /// COPY TO STDOUT (else FROM STDIN).
+    pub to: bool,
+    /// Position of the shard key in each row; `None`: a table copied on every shard.
+    pub key: Option<usize>,
+    pub csv: bool,
+    pub delimiter: u8,
+    pub quote: u8,
+    pub escape: u8,
+    pub header: bool,
+    /// How NULL is written (`\N` in text, the empty string in CSV).
+    pub null: String,
 }
 
 /// The analysis of one SQL text.
@@ -595,17 +615,14 @@ fn analyze_statement(statement: &Statement, schema: &Schema) -> Analysis {
                 "DELETE",
             )
         }
-        Statement::Copy { to, .. } => {
-            if !sharded.is_empty() {
-                unsupported("COPY of a sharded table")
-            } else if *to {
-                let mut a = Analysis::new(Route::Reference, false, "COPY TO of an unsharded table");
-                a.replica_ok = false;
-                a
-            } else {
-                unsupported("COPY FROM into a table copied on every shard")
-            }
-        }
+        Statement::Copy {
+            source,
+            to,
+            target,
+            options,
+            legacy_options,
+            ..
+        } => analyze_copy(schema, source, *to, target, options, legacy_options),
         Statement::Explain { .. } | Statement::ExplainTable { .. } => {
             let mut a = Analysis::new(Route::AnyShard, false, "EXPLAIN runs on one shard");
             a.replica_ok = false;
@@ -630,6 +647,140 @@ fn analyze_statement(statement: &Statement, schema: &Schema) -> Analysis {
             a
         }
     }
+}
+
+fn analyze_copy(
+    schema: &Schema,
+    source: &sqlparser::ast::CopySource,
+    to: bool,
+    target: &sqlparser::ast::CopyTarget,
+    options: &[sqlparser::ast::CopyOption],
+    legacy: &[sqlparser::ast::CopyLegacyOption],
+) -> Analysis {
+    use sqlparser::ast::{
+        CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget,
+    };
+    let (table, columns) = match source {
+        CopySource::Table {
+            table_name: name,
+            columns,
+        } => (table_name(name), columns),
+        CopySource::Query(query) => {
+            let mut facts = Facts::default();
+            let _ = query.visit(&mut facts);
+            if facts.tables.iter().any(|t| schema.sharded.contains_key(t)) {
+                return unsupported("COPY (query) of sharded tables");
+            }
+            let mut a = Analysis::new(Route::Reference, false, "COPY TO of unsharded tables");
+            a.replica_ok = false;
+            return a;
+        }
+    };
+    let key = schema.sharded.get(&table);
+    let standard = matches!(target, CopyTarget::Stdin | CopyTarget::Stdout);
+    if key.is_none() && to {
+        let mut a = Analysis::new(Route::Reference, false, "COPY TO of an unsharded table");
+        a.replica_ok = false;
+        return a;
+    }
+    if !standard {
+        return unsupported("COPY to or from a file or program on a sharded database");
+    }
+    let mut spec = CopySpec {
+        table: table.clone(),
+        to,
+        key: None,
+        csv: false,
+        delimiter: b'\t',
+        quote: b'"',
+        escape: b'"',
+        header: false,
+        null: "\\N".into(),
+    };
+    let mut delimiter = None;
+    let mut null = None;
+    let byte = |c: char| u8::try_from(u32::from(c)).ok().filter(u8::is_ascii);
+    for option in options {
+        match option {
+            CopyOption::Format(f) => match f.value.to_ascii_lowercase().as_str() {
+                "csv" => spec.csv = true,
+                "text" => spec.csv = false,
+                _ => return unsupported("COPY in binary format across shards"),
+            },
+            CopyOption::Delimiter(c) => delimiter = byte(*c),
+            CopyOption::Null(n) => null = Some(n.clone()),
+            CopyOption::Header(h) => spec.header = *h,
+            CopyOption::Quote(c) => spec.quote = byte(*c).unwrap_or(0),
+            CopyOption::Escape(c) => spec.escape = byte(*c).unwrap_or(0),
+            CopyOption::Freeze(_)
+            | CopyOption::Encoding(_)
+            | CopyOption::ForceNotNull(_)
+            | CopyOption::ForceNull(_)
+            | CopyOption::ForceQuote(_) => {}
+        }
+    }
+    for option in legacy {
+        match option {
+            CopyLegacyOption::Binary => return unsupported("COPY in binary format across shards"),
+            CopyLegacyOption::Delimiter(c) => delimiter = byte(*c),
+            CopyLegacyOption::Null(n) => null = Some(n.clone()),
+            CopyLegacyOption::Csv(csv) => {
+                spec.csv = true;
+                for o in csv {
+                    match o {
+                        CopyLegacyCsvOption::Header => spec.header = true,
+                        CopyLegacyCsvOption::Quote(c) => spec.quote = byte(*c).unwrap_or(0),
+                        CopyLegacyCsvOption::Escape(c) => spec.escape = byte(*c).unwrap_or(0),
+                        _ => {}
+                    }
+                }
+            }
+            _ => return unsupported("this COPY option across shards"),
+        }
+    }
+    if spec.csv {
+        spec.delimiter = b',';
+        spec.null = String::new();
+    }
+    if let Some(d) = delimiter {
+        spec.delimiter = d;
+    } else if options
+        .iter()
+        .any(|o| matches!(o, CopyOption::Delimiter(_)))
+    {
+        return unsupported("a non-ASCII COPY delimiter across shards");
+    }
+    if let Some(n) = null {
+        spec.null = n;
+    }
+    if spec.quote == 0 || spec.escape == 0 {
+        return unsupported("a non-ASCII COPY quote or escape character across shards");
+    }
+    if let Some(key) = key
+        && !to
+    {
+        let Some(pos) = columns
+            .iter()
+            .position(|c| c.value.eq_ignore_ascii_case(key))
+        else {
+            return unsupported(&if columns.is_empty() {
+                format!(
+                    "COPY into sharded table {table} without a column list (name the columns, including {key})"
+                )
+            } else {
+                format!("COPY into sharded table {table} without its shard key {key}")
+            });
+        };
+        spec.key = Some(pos);
+    }
+    let reason = match (to, key.is_some()) {
+        (true, _) => "COPY TO of a sharded table: every shard's rows",
+        (false, true) => "COPY FROM into a sharded table: rows split by shard key",
+        (false, false) => "COPY FROM into a table copied on every shard",
+    };
+    let mut a = Analysis::new(Route::Copy(Arc::new(spec)), !to, reason);
+    a.replica_ok = false;
+    a
 }
 
 fn unsupported(what: &str) -> Analysis {

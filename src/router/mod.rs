@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use crate::merge::{Count, MergeSpec};
 
 use crate::config::{Config, Strategy};
-use analyze::{Analysis, KeyExpr, KeySource, Route, Schema, TxCommand};
+use analyze::{Analysis, CopySpec, KeyExpr, KeySource, Route, Schema, TxCommand};
 use hash::{Ring, ShardKey};
 use params::Params;
 use range::Ranges;
@@ -58,6 +58,8 @@ pub struct Plan {
     pub merge: Option<Arc<MergePlan>>,
     /// A multi-row INSERT split by shard: each shard's statement and parameters.
     pub split: Option<Arc<Vec<(ShardId, rewrite::SplitInsert)>>>,
+    /// A COPY across shards: how its rows are read and split.
+    pub copy: Option<Arc<CopySpec>>,
 }
 
 /// A statement rewritten for a scatter, with its LIMIT/OFFSET values resolved.
@@ -233,6 +235,7 @@ impl Router {
             reason: analysis.reason.clone(),
             merge: None,
             split: None,
+            copy: None,
         };
         if self.shards == 1 {
             // One shard holds everything: any statement runs there as on plain Postgres.
@@ -250,6 +253,14 @@ impl Router {
             Route::Reference if analysis.writes => Fanout::Broadcast,
             Route::Reference => Fanout::One(ShardId(0)),
             Route::Broadcast => Fanout::Broadcast,
+            Route::Copy(spec) => {
+                plan.copy = Some(spec.clone());
+                if spec.to || spec.key.is_some() {
+                    Fanout::Scatter((0..self.shards).map(ShardId).collect())
+                } else {
+                    Fanout::Broadcast
+                }
+            }
             Route::Unsupported(why) => return Err(Error::Unsupported(why.clone())),
             Route::Sharded { table, keys } => {
                 let shards = self.eval(keys, table, params, analysis.writes)?;
