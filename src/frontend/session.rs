@@ -14,6 +14,9 @@
 //! statement on several shards ([`Fanout::Scatter`], [`Fanout::Broadcast`]) is sent to every
 //! target, then their replies are drained one connection after the other through a [`Merge`]
 //! filter: one RowDescription, every DataRow, summed CommandComplete counts, one ReadyForQuery.
+//! When the rows need more than concatenation (ORDER BY, LIMIT, aggregates) a [`Merger`] decides
+//! which shard to read next and what to emit. Writes on several shards commit with two-phase
+//! commit; COPY FROM STDIN across shards is split row by row here.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
