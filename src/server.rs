@@ -143,7 +143,7 @@ impl Shared {
 /// Maps the BackendKeyData Tessera gave each client to the server connection it is using now.
 #[derive(Default)]
 pub struct CancelRegistry {
-    clients: Mutex<HashMap<i32, (i32, Option<CancelKey>)>>,
+    clients: Mutex<HashMap<i32, (i32, Vec<CancelKey>)>>,
 }
 
 impl CancelRegistry {
@@ -155,16 +155,18 @@ impl CancelRegistry {
             let pid = rng.random_range(1..i32::MAX);
             if let std::collections::hash_map::Entry::Vacant(e) = clients.entry(pid) {
                 let secret = rng.random::<i32>();
-                e.insert((secret, None));
+                e.insert((secret, Vec::new()));
                 return (pid, secret);
             }
         }
     }
 
-    /// Points a client's key at the server connection running its queries (or at none).
-    pub fn set_target(&self, pid: i32, target: Option<CancelKey>) {
+    /// Points a client's key at the server connections it holds now (a statement on several
+    /// shards runs on several): a cancel goes to each, and never to a connection it gave back.
+    pub fn set_targets(&self, pid: i32, targets: impl IntoIterator<Item = CancelKey>) {
         if let Some(entry) = self.clients.lock().get_mut(&pid) {
-            entry.1 = target;
+            entry.1.clear();
+            entry.1.extend(targets);
         }
     }
 
@@ -172,22 +174,30 @@ impl CancelRegistry {
         self.clients.lock().remove(&pid);
     }
 
-    /// The server key to cancel, if `(pid, secret)` is a live client with a query running.
-    pub fn lookup(&self, pid: i32, secret: i32) -> Option<CancelKey> {
+    /// The server keys to cancel, if `(pid, secret)` is a live client holding connections.
+    pub fn lookup(&self, pid: i32, secret: i32) -> Vec<CancelKey> {
         let clients = self.clients.lock();
         match clients.get(&pid) {
-            Some((s, target)) if *s == secret => target.clone(),
-            _ => None,
+            Some((s, targets)) if *s == secret => targets.clone(),
+            _ => Vec::new(),
         }
     }
 }
 
-/// Forwards a CancelRequest to the server connection the client is using.
+/// Forwards a CancelRequest to every server connection the client is using (one per shard
+/// its statement runs on), each in turn, each bounded by the connect timeout.
 pub async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
-    let Some(key) = shared.cancels.lookup(pid, secret) else {
+    let keys = shared.cancels.lookup(pid, secret);
+    if keys.is_empty() {
         debug!(pid, "cancel request for no running query");
         return;
-    };
+    }
+    for key in keys {
+        cancel_one(shared, key).await;
+    }
+}
+
+async fn cancel_one(shared: &Shared, key: CancelKey) {
     let mut msg = BytesMut::new();
     build::cancel_request(&mut msg, key.pid, key.secret);
     let timeout = shared.config.pool.connect_timeout();

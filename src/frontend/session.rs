@@ -1196,11 +1196,13 @@ impl Session {
                 return Err(e);
             }
         };
-        if self.conns.is_empty() {
-            self.shared
-                .cancels
-                .set_target(self.pid, Some(conn.key.clone()));
-        }
+        self.shared.cancels.set_targets(
+            self.pid,
+            self.conns
+                .iter()
+                .map(|h| h.conn.key.clone())
+                .chain(std::iter::once(conn.key.clone())),
+        );
         let mut expect = VecDeque::new();
         let mut wire = BytesMut::new();
         let fingerprint = self.settings.fingerprint();
@@ -3130,15 +3132,17 @@ impl Session {
         let before = self.conns.len();
         self.conns
             .retain(|h| !(h.expect.is_empty() && !h.copy_in && h.conn.status == TxStatus::Idle));
-        if self.conns.is_empty() && before > 0 {
-            self.shared.cancels.set_target(self.pid, None);
+        if self.conns.len() != before {
+            self.shared
+                .cancels
+                .set_targets(self.pid, self.conns.iter().map(|h| h.conn.key.clone()));
         }
     }
 
     /// At the end of a session: a connection still mid-request cannot be reused; a session-mode
     /// connection is reset so the next client starts clean.
     async fn release_on_exit(&mut self) {
-        self.shared.cancels.set_target(self.pid, None);
+        self.shared.cancels.set_targets(self.pid, []);
         for mut held in std::mem::take(&mut self.conns) {
             let idle =
                 held.expect.is_empty() && !held.copy_in && held.conn.status == TxStatus::Idle;

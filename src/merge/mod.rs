@@ -878,3 +878,332 @@ fn visible_key(row: &Row, visible: usize) -> Vec<u8> {
     }
     key
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A RowDescription of text-format columns with these type oids.
+    fn description(oids: &[u32]) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        let fields: Vec<Field> = oids
+            .iter()
+            .enumerate()
+            .map(|(i, &oid)| Field {
+                name: format!("c{i}").into_bytes(),
+                table: 0,
+                attnum: 0,
+                oid,
+                len: -1,
+                typmod: -1,
+                format: 0,
+            })
+            .collect();
+        write_description(&mut out, &fields);
+        out[5..].to_vec()
+    }
+
+    fn data_row(values: &[Option<&str>]) -> Bytes {
+        let mut out = BytesMut::new();
+        write_row(&mut out, values.iter().map(|v| v.map(str::as_bytes)));
+        out.freeze().slice(5..)
+    }
+
+    /// The text values of the DataRows in `out`.
+    fn rows_of(out: &[u8]) -> Vec<Vec<Option<String>>> {
+        let mut rows = Vec::new();
+        let mut at = 0;
+        while at < out.len() {
+            let len = u32::from_be_bytes([out[at + 1], out[at + 2], out[at + 3], out[at + 4]]);
+            let end = at + 1 + len as usize;
+            if out[at] == tag::DATA_ROW {
+                let row = Row::parse(Bytes::copy_from_slice(&out[at + 5..end])).expect("row");
+                rows.push(
+                    (0..row.fields.len())
+                        .map(|i| row.get(i).map(|v| String::from_utf8_lossy(v).into_owned()))
+                        .collect(),
+                );
+            }
+            at = end;
+        }
+        rows
+    }
+
+    /// Drives a merger the way the session does: read what it asks for, emit what it can.
+    fn run(mut merger: Merger, description: &[u8], shards: Vec<Vec<Bytes>>) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        merger.describe(description).expect("describe");
+        let mut queues: Vec<std::collections::VecDeque<Bytes>> =
+            shards.into_iter().map(Into::into).collect();
+        loop {
+            merger.emit(&mut out).expect("emit");
+            let Some(s) = merger.next_read() else { break };
+            match queues[s].pop_front() {
+                Some(row) => merger.row(s, row).expect("row"),
+                None => merger.end(s),
+            }
+        }
+        merger.finish(&mut out).expect("finish");
+        out.to_vec()
+    }
+
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            self.0 >> 33
+        }
+    }
+
+    #[test]
+    fn k_way_merge_equals_sorting_the_union_under_limit_and_offset() {
+        let mut rng = Lcg(7);
+        for case in 0..200 {
+            let shards = 1 + (rng.next() % 4) as usize;
+            let mut all: Vec<(Option<i64>, i64)> = Vec::new();
+            let mut streams = Vec::new();
+            let desc = case % 2 == 1;
+            let nulls_first = case % 3 == 0;
+            for s in 0..shards {
+                let n = rng.next() % 30;
+                let mut rows: Vec<(Option<i64>, i64)> = (0..n)
+                    .map(|k| {
+                        let v = if rng.next().is_multiple_of(7) {
+                            None
+                        } else {
+                            Some((rng.next() % 50) as i64 - 25)
+                        };
+                        (v, (s as i64) * 1000 + k as i64)
+                    })
+                    .collect();
+                let order = |a: &(Option<i64>, i64), b: &(Option<i64>, i64)| {
+                    let o = match (a.0, b.0) {
+                        (None, None) => Ordering::Equal,
+                        (None, Some(_)) => {
+                            if nulls_first {
+                                Ordering::Less
+                            } else {
+                                Ordering::Greater
+                            }
+                        }
+                        (Some(_), None) => {
+                            if nulls_first {
+                                Ordering::Greater
+                            } else {
+                                Ordering::Less
+                            }
+                        }
+                        (Some(x), Some(y)) => {
+                            if desc {
+                                y.cmp(&x)
+                            } else {
+                                x.cmp(&y)
+                            }
+                        }
+                    };
+                    o.then(a.1.cmp(&b.1))
+                };
+                rows.sort_by(order);
+                all.extend(rows.iter().copied());
+                streams.push(rows);
+            }
+            let limit = (!rng.next().is_multiple_of(3)).then(|| rng.next() % 40);
+            let offset = rng.next() % 10;
+            let spec = MergeSpec {
+                order: vec![
+                    SortKey {
+                        col: Col::Visible(0),
+                        desc,
+                        nulls_first,
+                    },
+                    SortKey {
+                        col: Col::Extra(0),
+                        desc: false,
+                        nulls_first: false,
+                    },
+                ],
+                extras: 1,
+                ..MergeSpec::default()
+            };
+            let merger = Merger::new(Arc::new(spec), limit, offset, shards, 1000, true);
+            let input: Vec<Vec<Bytes>> = streams
+                .iter()
+                .map(|rows| {
+                    rows.iter()
+                        .map(|(v, id)| {
+                            let v = v.map(|v| v.to_string());
+                            data_row(&[v.as_deref(), Some(&id.to_string())])
+                        })
+                        .collect()
+                })
+                .collect();
+            let out = run(merger, &description(&[20, 20]), input);
+            all.sort_by(|a, b| {
+                let o = match (a.0, b.0) {
+                    (None, None) => Ordering::Equal,
+                    (None, Some(_)) => {
+                        if nulls_first {
+                            Ordering::Less
+                        } else {
+                            Ordering::Greater
+                        }
+                    }
+                    (Some(_), None) => {
+                        if nulls_first {
+                            Ordering::Greater
+                        } else {
+                            Ordering::Less
+                        }
+                    }
+                    (Some(x), Some(y)) => {
+                        if desc {
+                            y.cmp(&x)
+                        } else {
+                            x.cmp(&y)
+                        }
+                    }
+                };
+                o.then(a.1.cmp(&b.1))
+            });
+            let want: Vec<Vec<Option<String>>> = all
+                .iter()
+                .skip(offset as usize)
+                .take(limit.map_or(usize::MAX, |l| l as usize))
+                .map(|(v, _)| vec![v.map(|v| v.to_string())])
+                .collect();
+            assert_eq!(rows_of(&out), want, "case {case}");
+        }
+    }
+
+    #[test]
+    fn groups_reaggregate_partials_and_apply_having_order_and_limit() {
+        // SELECT g, count(*), sum(x), min(x), max(x), avg(x) ... GROUP BY g
+        // HAVING count(*) > 1 ORDER BY g LIMIT 2, as the shards return it:
+        // g, count(*), sum(x), min(x), max(x), sum(x) AS avg, count(x) [extra], count(*) [extra]
+        let spec = MergeSpec {
+            extras: 2,
+            order: vec![SortKey {
+                col: Col::Visible(0),
+                desc: false,
+                nulls_first: false,
+            }],
+            limit: Some(Count::Const(2)),
+            aggregate: Some(Aggregate {
+                outputs: vec![
+                    Output::Key,
+                    Output::Count,
+                    Output::Sum,
+                    Output::Min,
+                    Output::Max,
+                    Output::Avg {
+                        count: Col::Extra(0),
+                    },
+                    Output::Count,
+                    Output::Count,
+                ],
+                keys: vec![Col::Visible(0)],
+                having: Some(Predicate::Cmp {
+                    col: Col::Extra(1),
+                    op: CmpOp::Gt,
+                    literal: "1".into(),
+                }),
+            }),
+            ..MergeSpec::default()
+        };
+        let row = |g: &str,
+                   n: &str,
+                   sum: Option<&str>,
+                   min: Option<&str>,
+                   max: Option<&str>,
+                   cx: &str| {
+            data_row(&[Some(g), Some(n), sum, min, max, sum, Some(cx), Some(n)])
+        };
+        let shard0 = vec![
+            row("a", "2", Some("3"), Some("1"), Some("2"), "2"),
+            row("b", "1", Some("10"), Some("10"), Some("10"), "1"),
+            row("d", "1", None, None, None, "0"),
+        ];
+        let shard1 = vec![
+            row("a", "1", Some("4"), Some("4"), Some("4"), "1"),
+            row("c", "3", Some("-3"), Some("-2"), Some("0"), "3"),
+            row("d", "1", None, None, None, "0"),
+        ];
+        let merger = Merger::new(Arc::new(spec), Some(2), 0, 2, 100, true);
+        let out = run(
+            merger,
+            &description(&[25, 20, 20, 20, 20, 20, 20, 20]),
+            vec![shard0, shard1],
+        );
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(
+            rows_of(&out),
+            vec![
+                // a: 3 rows, sum 7, avg 7/3
+                vec![
+                    s("a"),
+                    s("3"),
+                    s("7"),
+                    s("1"),
+                    s("4"),
+                    s("2.3333333333333333")
+                ],
+                // b has one row (HAVING drops it); c: 3 rows
+                vec![
+                    s("c"),
+                    s("3"),
+                    s("-3"),
+                    s("-2"),
+                    s("0"),
+                    s("-1.00000000000000000000")
+                ],
+            ]
+        );
+    }
+
+    #[test]
+    fn distinct_and_cap() {
+        let spec = MergeSpec {
+            distinct: true,
+            ..MergeSpec::default()
+        };
+        let rows = |vals: &[&str]| {
+            vals.iter()
+                .map(|v| data_row(&[Some(v)]))
+                .collect::<Vec<_>>()
+        };
+        let merger = Merger::new(Arc::new(spec.clone()), None, 0, 2, 100, true);
+        let out = run(
+            merger,
+            &description(&[25]),
+            vec![rows(&["x", "y"]), rows(&["y", "z", "x"])],
+        );
+        assert_eq!(rows_of(&out).len(), 3);
+        let mut merger = Merger::new(Arc::new(spec), None, 0, 1, 2, true);
+        merger.describe(&description(&[25])).expect("describe");
+        let mut out = BytesMut::new();
+        for v in ["a", "b", "c"] {
+            merger.row(0, data_row(&[Some(v)])).expect("row");
+        }
+        assert_eq!(merger.emit(&mut out), Err(Error::TooMany(2)));
+    }
+
+    #[test]
+    fn text_sort_keys_need_a_bytewise_collation() {
+        let spec = MergeSpec {
+            order: vec![SortKey {
+                col: Col::Visible(0),
+                desc: false,
+                nulls_first: false,
+            }],
+            ..MergeSpec::default()
+        };
+        let mut merger = Merger::new(Arc::new(spec), None, 0, 2, 10, false);
+        let err = merger
+            .describe(&description(&[25]))
+            .expect_err("collation unknown");
+        assert_eq!(err.sqlstate(), "0A000");
+    }
+}
