@@ -1056,6 +1056,10 @@ const DIFFERENTIAL: &[(&str, Order, &str)] = &[
     // Window functions partitioned by the shard key run on each shard.
     ("window", O, "SELECT user_id, id, row_number() OVER (PARTITION BY user_id ORDER BY id), sum(amount) OVER (PARTITION BY user_id) FROM {o} ORDER BY user_id, id LIMIT 50"),
     ("window", M, "SELECT o.user_id, o.id, rank() OVER (PARTITION BY o.user_id ORDER BY o.amount DESC, o.id) FROM {o} o"),
+    // Subqueries and CTEs over the reference table run on each shard.
+    ("subquery", M, "SELECT id, name FROM {u} WHERE country IN (SELECT code FROM {c} WHERE region = 'europe')"),
+    ("subquery", O, "WITH eu AS (SELECT code FROM {c} WHERE region = 'europe') SELECT u.country, count(*) FROM {u} u JOIN eu ON eu.code = u.country GROUP BY u.country ORDER BY u.country"),
+    ("subquery", O, "SELECT id, (SELECT c.name FROM {c} c WHERE c.code = u.country) AS cname FROM {u} u ORDER BY id LIMIT 25"),
     // Joins with the reference table.
     ("reference join", M, "SELECT c.region, count(*) FROM {u} u JOIN {c} c ON c.code = u.country GROUP BY c.region"),
     ("reference join", O, "SELECT c.region, count(*), sum(o.amount), avg(o.price) FROM {o} o JOIN {u} u ON u.id = o.user_id JOIN {c} c ON c.code = u.country GROUP BY c.region ORDER BY c.region"),

@@ -458,6 +458,9 @@ fn table_name(name: &ObjectName) -> String {
 #[derive(Default)]
 struct Facts {
     tables: BTreeSet<String>,
+    /// Tables read inside a subquery, derived table or CTE (a query nested in another).
+    nested_tables: BTreeSet<String>,
+    depth: usize,
     queries: usize,
     statements: usize,
     writing_function: Option<String>,
@@ -469,12 +472,22 @@ impl Visitor for Facts {
     type Break = ();
 
     fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
-        self.tables.insert(table_name(relation));
+        let name = table_name(relation);
+        if self.depth > 1 {
+            self.nested_tables.insert(name.clone());
+        }
+        self.tables.insert(name);
         ControlFlow::Continue(())
     }
 
     fn pre_visit_query(&mut self, _query: &Query) -> ControlFlow<()> {
         self.queries += 1;
+        self.depth += 1;
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _query: &Query) -> ControlFlow<()> {
+        self.depth = self.depth.saturating_sub(1);
         ControlFlow::Continue(())
     }
 
@@ -874,7 +887,13 @@ fn analyze_query(
         }
     } else if nested_dml {
         Route::Unsupported("a data-modifying WITH on sharded tables".into())
-    } else if facts.queries > 1 || query.with.is_some() {
+    } else if facts
+        .nested_tables
+        .iter()
+        .any(|t| schema.sharded.contains_key(t))
+    {
+        // Subqueries and CTEs over reference tables read the same rows on every shard; over
+        // a sharded table each shard would see only its part.
         Route::Unsupported("a subquery or CTE on sharded tables".into())
     } else if let Some(select) = select {
         let mut scope = Scope::default();

@@ -59,9 +59,6 @@ impl Extras {
 }
 
 fn rewrite_query(query: &mut Query, schema: &Schema) -> Result<MergeSpec, String> {
-    if query.with.is_some() {
-        return Err("a CTE on sharded tables".into());
-    }
     let (limit, offset) = limits(query)?;
     let SetExpr::Select(select) = query.body.as_mut() else {
         return Err("a set operation (UNION/INTERSECT/EXCEPT) on sharded tables".into());
