@@ -1056,6 +1056,11 @@ const DIFFERENTIAL: &[(&str, Order, &str)] = &[
     // Window functions partitioned by the shard key run on each shard.
     ("window", O, "SELECT user_id, id, row_number() OVER (PARTITION BY user_id ORDER BY id), sum(amount) OVER (PARTITION BY user_id) FROM {o} ORDER BY user_id, id LIMIT 50"),
     ("window", M, "SELECT o.user_id, o.id, rank() OVER (PARTITION BY o.user_id ORDER BY o.amount DESC, o.id) FROM {o} o"),
+    // Output columns rewritten for the shards do not confuse ORDER BY or aliases after `*`.
+    ("rewrite", O, "SELECT status, avg(amount), sum(amount) FROM {o} GROUP BY status ORDER BY sum(amount), status"),
+    ("rewrite", O, "SELECT *, -id AS neg FROM {u} ORDER BY neg LIMIT 7"),
+    ("rewrite", M, "SELECT 'total' AS t FROM {o} ORDER BY count(*)"),
+    ("rewrite", O, "SELECT date_trunc('day', placed_at) AS day, count(*) FROM {o} GROUP BY day ORDER BY day LIMIT 10"),
     // Subqueries and CTEs over the reference table run on each shard.
     ("subquery", M, "SELECT id, name FROM {u} WHERE country IN (SELECT code FROM {c} WHERE region = 'europe')"),
     ("subquery", O, "WITH eu AS (SELECT code FROM {c} WHERE region = 'europe') SELECT u.country, count(*) FROM {u} u JOIN eu ON eu.code = u.country GROUP BY u.country ORDER BY u.country"),
@@ -1100,6 +1105,10 @@ const REFUSED: &[&str] = &[
     "SELECT string_agg(name, ',' ORDER BY id) FROM {u}",
     "SELECT array_agg(id ORDER BY id) FROM {u}",
     "SELECT stddev(score) FROM {u}",
+    "SELECT id FROM {u} ORDER BY rank() OVER (ORDER BY id) LIMIT 3",
+    "SELECT id FROM {u} ORDER BY id LIMIT 5 FOR UPDATE",
+    "SELECT avg(ratio::real) FROM {u}",
+    "SELECT lower(name) AS name, count(*) FROM {u} GROUP BY name",
 ];
 
 /// Shapes whose support is open: refusing (0A000) or answering exactly are both fine; a wrong

@@ -639,3 +639,206 @@ async fn copy_from_stdin_splits_rows_by_shard() {
         assert_eq!(n, 2, "shard {shard}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returning_rows_of_a_split_insert_come_back_in_values_order() {
+    let name = unique("order");
+    let proxy = Proxy::start_sharded(|c| map(c, &name)).await;
+    let client = proxy.connect().await;
+    table(&client, &name, "").await;
+    // A shuffled order that alternates between the shards.
+    let ids: Vec<i64> = vec![17, 3, 42, 8, 25, 1, 99, 64, 12, 5, 77, 30];
+    let values: Vec<String> = ids.iter().map(|i| format!("({i}, 'v')")).collect();
+    let sql = format!(
+        "INSERT INTO {name} (id, v) VALUES {} RETURNING id",
+        values.join(", ")
+    );
+    let simple: Vec<i64> = client
+        .simple_query(&sql)
+        .await
+        .expect("simple")
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(simple, ids);
+    client
+        .batch_execute(&format!("DELETE FROM {name}"))
+        .await
+        .expect("delete");
+    let placeholders: Vec<String> = (1..=ids.len()).map(|k| format!("(${k}, 'w')")).collect();
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = ids
+        .iter()
+        .map(|i| i as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
+    let extended: Vec<i64> = client
+        .query(
+            &format!(
+                "INSERT INTO {name} (id, v) VALUES {} RETURNING id",
+                placeholders.join(", ")
+            ),
+            &params,
+        )
+        .await
+        .expect("extended")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(extended, ids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_across_shards_end_cleanly_in_every_protocol() {
+    let name = unique("txend");
+    let proxy = Proxy::start_sharded(|c| map(c, &name)).await;
+    let client = proxy.connect().await;
+    table(
+        &client,
+        &name,
+        ", x int UNIQUE DEFERRABLE INITIALLY DEFERRED",
+    )
+    .await;
+    let values: Vec<String> = (1..=20).map(|i| format!("({i}, 'v', {i})")).collect();
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {name} (id, v, x) VALUES {}",
+            values.join(", ")
+        ))
+        .await
+        .expect("load");
+    let node = proxy.handle.shared.config.node_id;
+    let config = {
+        let mut c = common::sharded_config();
+        map(&mut c, &name);
+        c
+    };
+    let placed = placement(&config, &name, &(1..=20).collect::<Vec<_>>());
+    let (a, b) = (
+        *placed[0].iter().next().expect("shard 0 key"),
+        *placed[1].iter().next().expect("shard 1 key"),
+    );
+
+    // COMMIT through the extended protocol (as JDBC sends it) uses two-phase commit too: a
+    // deferred violation on shard 0 fails PREPARE there and nothing lands on either shard.
+    let a2 = *placed[0].iter().nth(1).expect("a second shard 0 key");
+    client.execute("BEGIN", &[]).await.expect("begin");
+    client
+        .execute(&format!("UPDATE {name} SET v = 'x' WHERE id = {b}"), &[])
+        .await
+        .expect("write shard 1");
+    client
+        .execute(&format!("UPDATE {name} SET x = {a2} WHERE id = {a}"), &[])
+        .await
+        .expect("deferred duplicate on shard 0");
+    let err = client
+        .execute("COMMIT", &[])
+        .await
+        .expect_err("PREPARE fails on shard 0");
+    assert_eq!(sqlstate(&err), Some("23505"), "{err}");
+    let v: String = client
+        .query_one(&format!("SELECT v FROM {name} WHERE id = {b}"), &[])
+        .await
+        .expect("read")
+        .get(0);
+    assert_eq!(v, "v", "nothing landed");
+    // A plain successful one through the extended protocol.
+    client.execute("BEGIN", &[]).await.expect("begin");
+    client
+        .execute(&format!("UPDATE {name} SET v = 'y' WHERE id = {a}"), &[])
+        .await
+        .expect("write shard 0");
+    client
+        .execute(&format!("UPDATE {name} SET v = 'y' WHERE id = {b}"), &[])
+        .await
+        .expect("write shard 1");
+    client
+        .execute("COMMIT", &[])
+        .await
+        .expect("extended commit");
+    let n: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {name} WHERE v = 'y'"), &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 2);
+    assert!(
+        !prepared_xacts()
+            .await
+            .iter()
+            .any(|g| tessera::twopc::gid_node(g) == Some(node))
+    );
+
+    // `...; COMMIT` in one query cannot end a transaction that spans shards.
+    client.batch_execute("BEGIN").await.expect("begin");
+    client
+        .batch_execute(&format!("UPDATE {name} SET v = 'z' WHERE id = {a}"))
+        .await
+        .expect("write shard 0");
+    let err = client
+        .batch_execute(&format!("UPDATE {name} SET v = 'z' WHERE id = {b}; COMMIT"))
+        .await
+        .expect_err("refused");
+    assert_eq!(sqlstate(&err), Some("0A000"), "{err}");
+    client.batch_execute("ROLLBACK").await.expect("rollback");
+
+    // After COMMIT of a transaction on two shards the session is idle: pgbench checks the
+    // ReadyForQuery status after each script.
+    let script = format!(
+        "BEGIN;\nUPDATE {name} SET v = 'p' WHERE id = {a};\nSELECT v FROM {name} WHERE id = {b};\nUPDATE {name} SET v = 'p' WHERE id = {b};\nCOMMIT;\n"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tx.sql");
+    std::fs::write(&path, script).expect("script");
+    for mode in ["simple", "extended", "prepared"] {
+        let out = Command::new(common::bin("pgbench"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &proxy.port.to_string(),
+                "-U",
+                "app",
+            ])
+            .args(["-n", "-M", mode, "-t", "20", "-f"])
+            .arg(&path)
+            .arg("app")
+            .env("PGPASSWORD", "app")
+            .output()
+            .expect("pgbench");
+        let stdout = common::text(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("number of failed transactions: 0 "),
+            "{mode}: {stdout}\n{}",
+            common::text(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_to_with_a_header_has_one_header() {
+    let name = unique("hdr");
+    let proxy = Proxy::start_sharded(|c| map(c, &name)).await;
+    let client = proxy.connect().await;
+    table(&client, &name, "").await;
+    let values: Vec<String> = (1..=30).map(|i| format!("({i}, 'v{i}')")).collect();
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {name} (id, v) VALUES {}",
+            values.join(", ")
+        ))
+        .await
+        .expect("load");
+    let out = proxy.psql(
+        &[
+            "-c",
+            &format!("COPY {name} (id, v) TO STDOUT WITH (FORMAT csv, HEADER true)"),
+        ],
+        None,
+    );
+    let text = common::text(&out.stdout);
+    assert_eq!(text.lines().filter(|l| *l == "id,v").count(), 1, "{text}");
+    assert_eq!(text.lines().next(), Some("id,v"));
+    assert_eq!(text.lines().count(), 31);
+}

@@ -560,16 +560,36 @@ impl Prober {
             });
             if self.primary.is_none() {
                 // Learned once per connection: collations do not change under a database.
-                let collate = client
+                // An ICU default (Postgres 15+: datlocprovider 'i') sorts by ICU whatever
+                // datcollate says; older servers lack the column and use libc.
+                let collate = match client
                     .query_one(
-                        "SELECT datcollate::text FROM pg_database WHERE datname = current_database()",
+                        "SELECT datcollate::text, datlocprovider::text FROM pg_database WHERE datname = current_database()",
                         &[],
                     )
                     .await
-                    .ok()
-                    .and_then(|row| row.try_get::<_, String>(0).ok());
-                let bytewise = match collate.as_deref() {
-                    Some("C" | "POSIX" | "C.UTF-8" | "C.utf8") => 1,
+                {
+                    Ok(row) => row
+                        .try_get::<_, String>(0)
+                        .ok()
+                        .map(|c| (c, row.try_get::<_, String>(1).unwrap_or_default())),
+                    Err(_) => client
+                        .query_one(
+                            "SELECT datcollate::text FROM pg_database WHERE datname = current_database()",
+                            &[],
+                        )
+                        .await
+                        .ok()
+                        .and_then(|row| row.try_get::<_, String>(0).ok())
+                        .map(|c| (c, "c".to_string())),
+                };
+                let bytewise = match collate {
+                    Some((c, provider))
+                        if provider == "c"
+                            && matches!(c.as_str(), "C" | "POSIX" | "C.UTF-8" | "C.utf8") =>
+                    {
+                        1
+                    }
                     Some(_) => 2,
                     None => 0,
                 };

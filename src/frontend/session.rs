@@ -157,6 +157,12 @@ struct Merge {
     slots: Vec<ConnKey>,
     /// COPY TO STDOUT: every shard's data, one CopyDone at the end.
     copy_out: bool,
+    /// ... with a CSV header line, which only the first shard's data keeps.
+    copy_header: bool,
+    /// Connections whose first CopyData (their header) has gone by.
+    past_header: Vec<ConnKey>,
+    /// CommandCompletes seen per connection.
+    completions: Vec<(ConnKey, usize)>,
     /// No ReadyForQuery at the end: the client's Sync asks for it (extended-protocol COPY).
     no_ready: bool,
 }
@@ -202,7 +208,7 @@ pub struct Session {
     /// A COPY FROM STDIN being split across shards.
     copy_in: Option<CopyIn>,
     /// The next scatter is a COPY TO STDOUT (its CopyData is concatenated).
-    copy_out: bool,
+    copy_out: Option<Arc<CopySpec>>,
 }
 
 /// A COPY FROM STDIN spread over several shards: the client's rows are cut out of its
@@ -220,6 +226,14 @@ struct CopyIn {
     failed: Option<(&'static str, String)>,
     /// Started through the extended protocol: the client's next Sync gets the ReadyForQuery.
     extended: bool,
+}
+
+/// Whether a batch is about `tessera_next_id()`, which the proxy answers itself.
+#[derive(Debug, PartialEq, Eq)]
+enum Local {
+    None,
+    All,
+    Mixed,
 }
 
 /// Why the session ended.
@@ -271,7 +285,7 @@ impl Session {
             local_statements: HashMap::new(),
             local_portals: HashMap::new(),
             copy_in: None,
-            copy_out: false,
+            copy_out: None,
         }
     }
 
@@ -513,6 +527,9 @@ impl Session {
             Err(e) => return Err(self.client_error(e)),
         };
         if let Some(column) = next_id_call(&sql) {
+            if self.tx_failed() {
+                return self.aborted().await;
+            }
             self.settle().await?;
             let id = self.shared.ids.next();
             next_id_description(&mut self.out, &column, 0);
@@ -549,6 +566,27 @@ impl Session {
         // (A passthrough leaves transaction control to the one server, which enforces this.)
         if self.tx_failed() && !self.shared.router.passthrough() {
             return self.aborted().await;
+        }
+        if self.tx.is_some() && ends_transaction_inside(&sql) {
+            // `UPDATE ...; COMMIT` would end the transaction on one shard only.
+            let begun: BTreeSet<usize> = self
+                .conns
+                .iter()
+                .filter(|h| h.begun)
+                .map(|h| h.key.shard)
+                .collect();
+            let spans = begun.len() > 1
+                || match &plan.fanout {
+                    Fanout::One(s) => !begun.is_empty() && !begun.contains(&s.0),
+                    _ => true,
+                };
+            if spans {
+                return self
+                    .refuse_statement(&router::Error::Unsupported(
+                        "a multi-statement query that ends a transaction spanning shards (send COMMIT or ROLLBACK on its own)".into(),
+                    ))
+                    .await;
+            }
         }
         match plan.fanout.clone() {
             Fanout::One(shard) => {
@@ -606,7 +644,7 @@ impl Session {
                     None => frame.into_bytes(),
                 };
                 let split = plan.split.clone();
-                self.copy_out = plan.copy.as_ref().is_some_and(|c| c.to);
+                self.copy_out = plan.copy.clone().filter(|c| c.to);
                 self.scatter(&shards, &plan, broadcast, |session, i, wire| {
                     let shard = session.conns[i].key.shard;
                     match split
@@ -1284,6 +1322,7 @@ impl Session {
         plan: Option<Arc<MergePlan>>,
         build: impl FnMut(&mut Self, usize, &mut BytesMut) -> Result<Vec<Kind>, protocol::Error>,
     ) -> Result<(), End> {
+        let copy_out = self.copy_out.take();
         let Some(idx) = self.gather_start(keys, build).await? else {
             return Ok(());
         };
@@ -1301,7 +1340,8 @@ impl Session {
             broadcast,
             merger,
             slots: idx.clone(),
-            copy_out: std::mem::take(&mut self.copy_out),
+            copy_out: copy_out.is_some(),
+            copy_header: copy_out.is_some_and(|c| c.header),
             ..Merge::default()
         });
         self.gather_finish(&idx).await
@@ -1319,6 +1359,18 @@ impl Session {
             let i = match self.pin(key).await {
                 Ok(i) => i,
                 Err(e) => {
+                    if self.tx.as_ref().is_some_and(|tx| tx.implicit) {
+                        // The proxy's own transaction ends here, on the shards it reached.
+                        self.settle().await?;
+                        let jobs: Vec<(ConnKey, String)> = self
+                            .conns
+                            .iter()
+                            .filter(|h| h.begun)
+                            .map(|h| (h.key, "ROLLBACK".to_string()))
+                            .collect();
+                        self.run_injected(&jobs).await?;
+                        self.end_two_phase("ROLLBACK");
+                    }
                     self.refuse_request(&e).await?;
                     return Ok(None);
                 }
@@ -1373,7 +1425,11 @@ impl Session {
             && let Some(merger) = merge.merger.as_mut()
         {
             match merger.finish(&mut self.out) {
-                Ok(rows) => merge.tags = vec![format!("SELECT {rows}")],
+                // A query's count is the merged rows; a write's (RETURNING) stays the sum.
+                Ok(rows) if merge.tags.first().is_none_or(|t| t.starts_with("SELECT")) => {
+                    merge.tags = vec![format!("SELECT {rows}")];
+                }
+                Ok(_) => {}
                 Err(e) => {
                     super::error(&mut self.out, e.sqlstate(), &e.to_string());
                     merge.error = true;
@@ -1395,6 +1451,16 @@ impl Session {
             && let Some(tx) = self.tx.as_mut()
         {
             tx.failed = true;
+        }
+        if self.tx.is_none() {
+            // The connections' own ReadyForQuery did not update the session's status during
+            // the merge: it is what they say now (idle after a COMMIT on several shards).
+            self.status = self
+                .conns
+                .iter()
+                .map(|h| h.conn.status)
+                .find(|s| *s != TxStatus::Idle)
+                .unwrap_or(TxStatus::Idle);
         }
         if !merge.no_ready {
             let status = self.client_status();
@@ -1487,22 +1553,7 @@ impl Session {
                 tag::PARSE => {
                     let parse = decode::parse(frame.body()).map_err(|e| self.client_error(e))?;
                     sql = Some(String::from_utf8_lossy(parse.query).into_owned());
-                    if parse.name.is_empty() {
-                        self.unnamed = Some(Unnamed {
-                            parse: frame.bytes().clone(),
-                            analysis: self.shared.router.analyze(sql.as_deref().unwrap_or("")),
-                            types: crate::server::parse_param_types(parse.param_types),
-                            changes: Vec::new(),
-                        });
-                        for held in &mut self.conns {
-                            held.unnamed_ready = false;
-                        }
-                    } else {
-                        let stmt = self.shared.statements.intern(&parse, &self.shared.router);
-                        self.statements
-                            .insert(Bytes::copy_from_slice(parse.name), stmt);
-                    }
-                    build::parse_complete(&mut self.out);
+                    self.local_parse(frame)?;
                 }
                 tag::BIND => {
                     let bind = decode::bind(frame.body()).map_err(|e| self.client_error(e))?;
@@ -1552,6 +1603,68 @@ impl Session {
             let status = self.client_status();
             build::ready_for_query(&mut self.out, status);
         }
+        Ok(())
+    }
+
+    /// Answers an extended-protocol batch whose statement the proxy ran itself (COMMIT or
+    /// ROLLBACK of a transaction on several shards): its tag, or the error.
+    fn answer_tx_batch(
+        &mut self,
+        batch: &[Frame],
+        outcome: Result<&str, Bytes>,
+    ) -> Result<(), End> {
+        let mut failed = false;
+        for frame in batch {
+            match frame.tag() {
+                _ if failed && frame.tag() != tag::SYNC => {}
+                tag::PARSE => self.local_parse(frame)?,
+                tag::BIND => build::message(&mut self.out, b'2', |_| {}),
+                tag::DESCRIBE => {
+                    if let Ok((b'S', _)) = decode::target(frame.body(), "Describe") {
+                        build::message(&mut self.out, b't', |b| b.put_i16(0));
+                    }
+                    build::message(&mut self.out, b'n', |_| {});
+                }
+                tag::EXECUTE => match &outcome {
+                    Ok(word) => build::command_complete(&mut self.out, word),
+                    Err(error) => {
+                        self.out.extend_from_slice(error);
+                        failed = true;
+                    }
+                },
+                tag::CLOSE => build::close_complete(&mut self.out),
+                tag::SYNC => {
+                    self.skip_until_sync = false;
+                    let status = self.client_status();
+                    build::ready_for_query(&mut self.out, status);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// A Parse the proxy answers itself: the statement is registered for the client (and
+    /// prepared on a server when it is first bound there).
+    fn local_parse(&mut self, frame: &Frame) -> Result<(), End> {
+        let parse = decode::parse(frame.body()).map_err(|e| self.client_error(e))?;
+        let sql = String::from_utf8_lossy(parse.query).into_owned();
+        if parse.name.is_empty() {
+            self.unnamed = Some(Unnamed {
+                parse: frame.bytes().clone(),
+                analysis: self.shared.router.analyze(&sql),
+                types: crate::server::parse_param_types(parse.param_types),
+                changes: super::settings::effects(&sql).changes,
+            });
+            for held in &mut self.conns {
+                held.unnamed_ready = false;
+            }
+        } else {
+            let stmt = self.shared.statements.intern(&parse, &self.shared.router);
+            self.statements
+                .insert(Bytes::copy_from_slice(parse.name), stmt);
+        }
+        build::parse_complete(&mut self.out);
         Ok(())
     }
 
@@ -1760,7 +1873,12 @@ impl Session {
                 self.merge_failed(&e);
                 return Ok(());
             }
-            let Some(slot) = merger.next_read() else {
+            let next = if merger.preamble_done() {
+                merger.next_read()
+            } else {
+                Some(0)
+            };
+            let Some(slot) = next else {
                 return Ok(());
             };
             merge.first = slot == 0;
@@ -1851,7 +1969,26 @@ impl Session {
     async fn run_batch(&mut self) -> Result<(), End> {
         let batch = std::mem::take(&mut self.batch);
         let has_sync = batch.iter().any(|f| f.tag() == tag::SYNC);
-        if self.answers_locally(&batch) {
+        let local = self.answers_locally(&batch);
+        if local == Local::Mixed {
+            self.settle().await?;
+            super::error(
+                &mut self.out,
+                "0A000",
+                "tessera_next_id() in one pipeline with other statements: send it with a Sync of its own",
+            );
+            return self.end_failed_batch(has_sync);
+        }
+        if local == Local::All {
+            if self.tx_failed() {
+                self.settle().await?;
+                super::error(
+                    &mut self.out,
+                    "25P02",
+                    "current transaction is aborted, commands ignored until end of transaction block",
+                );
+                return self.end_failed_batch(has_sync);
+            }
             return self.run_local_batch(batch).await;
         }
         // A lone Sync with nothing pending needs no server: answer it here.
@@ -1934,32 +2071,26 @@ impl Session {
                     );
                     return self.end_failed_batch(has_sync);
                 }
-                // COMMIT / ROLLBACK on every shard of the transaction, one reply. A transaction
-                // the proxy aborted is rolled back whatever the client asked.
+                // COMMIT / ROLLBACK on every shard of the transaction (two-phase if it wrote on
+                // several), one reply in the extended protocol. A transaction the proxy aborted
+                // is rolled back whatever the client asked.
+                self.settle().await?;
                 let rollback = self.tx_failed() || cmd == TxCommand::Rollback;
-                let body: Vec<Frame> = batch[..batch.len() - 1].to_vec();
-                if rollback && cmd == TxCommand::Commit {
-                    let mut msg = BytesMut::new();
-                    build::query(&mut msg, "ROLLBACK");
-                    let msg = msg.freeze();
-                    return self
-                        .scatter_on(&begun, true, None, move |_, _, wire| {
-                            wire.extend_from_slice(&msg);
-                            Ok(vec![Kind::Query {
-                                changes: Vec::new(),
-                            }])
-                        })
-                        .await;
-                }
-                return self
-                    .scatter_on(&begun, true, None, move |session, i, wire| {
-                        for frame in &body {
-                            session.batch_message(i, frame.clone(), wire)?;
-                        }
-                        build::message(wire, tag::SYNC, |_| {});
-                        Ok(vec![Kind::Sync])
-                    })
-                    .await;
+                let written = self.tx.as_ref().map_or(0, |tx| tx.written.len());
+                let outcome = if !rollback && written > 1 {
+                    self.two_phase().await?.map_or(Ok("COMMIT"), Err)
+                } else {
+                    let word = if rollback { "ROLLBACK" } else { "COMMIT" };
+                    let jobs: Vec<(ConnKey, String)> =
+                        begun.iter().map(|k| (*k, word.to_string())).collect();
+                    let errors = self.run_injected(&jobs).await?;
+                    self.end_two_phase(word);
+                    match errors.into_iter().flatten().next() {
+                        Some(error) => Err(error),
+                        None => Ok(word),
+                    }
+                };
+                return self.answer_tx_batch(&batch, outcome);
             }
         }
         if let Some(multi) = plans.iter().find(|p| !matches!(p.fanout, Fanout::One(_))) {
@@ -2075,18 +2206,18 @@ impl Session {
 
     /// The batch only prepares, binds, describes and runs `SELECT tessera_next_id()`: the
     /// proxy answers it without a server.
-    fn answers_locally(&self, batch: &[Frame]) -> bool {
+    fn answers_locally(&self, batch: &[Frame]) -> Local {
         // The common case costs one scan of each Parse for the function's name.
         if self.local_statements.is_empty()
             && !batch
                 .iter()
                 .any(|f| f.tag() == tag::PARSE && mentions_next_id(f.body()))
         {
-            return false;
+            return Local::None;
         }
         let mut statements: HashMap<&[u8], bool> = HashMap::new();
         let mut portals: HashMap<&[u8], bool> = HashMap::new();
-        let mut any = false;
+        let (mut any, mut other) = (false, false);
         let statement_local = |name: &[u8], seen: &HashMap<&[u8], bool>| {
             seen.get(name)
                 .copied()
@@ -2128,12 +2259,14 @@ impl Session {
                 },
                 _ => continue,
             };
-            if !local {
-                return false;
-            }
-            any = true;
+            any |= local;
+            other |= !local;
         }
-        any
+        match (any, other) {
+            (true, false) => Local::All,
+            (true, true) => Local::Mixed,
+            _ => Local::None,
+        }
     }
 
     /// Answers a batch [`Session::answers_locally`] accepted, message by message.
@@ -2331,12 +2464,10 @@ impl Session {
             );
             return self.end_failed_batch(batch.iter().any(|f| f.tag() == tag::SYNC));
         }
-        if let Some(spec) = plan.copy.clone() {
-            if !spec.to {
-                return self.extended_copy_in(batch, plan, spec).await;
-            }
-            // COPY TO: every shard's data concatenated, like rows.
-            self.copy_out = true;
+        if let Some(spec) = plan.copy.clone()
+            && !spec.to
+        {
+            return self.extended_copy_in(batch, plan, spec).await;
         }
         if batch.last().map(Frame::tag) != Some(tag::SYNC) {
             self.settle().await?;
@@ -2347,6 +2478,11 @@ impl Session {
             );
             return self.end_failed_batch(false);
         }
+        if let Some((code, message)) = self.check_scatter_batch(&batch) {
+            self.settle().await?;
+            super::error(&mut self.out, code, &message);
+            return self.end_failed_batch(true);
+        }
         let shards = self.fanout_shards(&plan.fanout);
         if let Err(e) = self.note_write(&plan, &shards) {
             self.settle().await?;
@@ -2356,6 +2492,8 @@ impl Session {
             }
             return self.end_failed_batch(true);
         }
+        // COPY TO: every shard's data concatenated, like rows.
+        self.copy_out = plan.copy.clone().filter(|c| c.to);
         let broadcast = matches!(plan.fanout, Fanout::Broadcast);
         let body: Vec<Frame> = batch[..batch.len() - 1].to_vec();
         let merge = plan.merge.clone();
@@ -2364,15 +2502,27 @@ impl Session {
             f.tag() == tag::DESCRIBE
                 && matches!(decode::target(f.body(), "Describe"), Ok((b'P', _)))
         });
+        let mut nth = 0;
         self.scatter(&shards, &plan, broadcast, move |session, i, wire| {
+            nth += 1;
             for frame in &body {
+                if nth > 1
+                    && frame.tag() == tag::PARSE
+                    && let Ok(parse) = decode::parse(frame.body())
+                    && !parse.name.is_empty()
+                    && let Some(stmt) = session.statements.get(parse.name).cloned()
+                {
+                    // Registered by the first shard's pass; this shard just needs it prepared.
+                    session.ensure_prepared(i, &stmt, wire);
+                    continue;
+                }
                 let shard = session.conns[i].key.shard;
                 let part = split
                     .as_ref()
                     .and_then(|parts| parts.iter().find(|p| p.0.0 == shard));
                 match (&merge, part) {
                     (_, Some((_, part))) if frame.tag() == tag::BIND => {
-                        session.split_bind(i, frame, part, wire)?;
+                        session.split_bind(i, frame, part, described, wire)?;
                     }
                     (Some(m), _) if frame.tag() == tag::BIND => {
                         session.merge_bind(i, frame, m, described, wire)?;
@@ -2386,6 +2536,62 @@ impl Session {
             Ok(vec![Kind::Sync])
         })
         .await
+    }
+
+    /// What must fail a batch on several shards before anything is sent: an error the proxy
+    /// raises midway could not stop the servers running the rest.
+    fn check_scatter_batch(&self, batch: &[Frame]) -> Option<(&'static str, String)> {
+        if let Some(pos) = batch.iter().position(|f| f.tag() == tag::EXECUTE)
+            && batch[pos + 1..].iter().any(|f| f.tag() != tag::SYNC)
+        {
+            // Their replies would overtake the merged rows.
+            return Some((
+                "0A000",
+                "not supported across shards: messages after the Execute of a statement that spans shards, before Sync".into(),
+            ));
+        }
+        let mut parsed: Vec<&[u8]> = Vec::new();
+        for frame in batch {
+            match frame.tag() {
+                tag::PARSE => {
+                    let Ok(parse) = decode::parse(frame.body()) else {
+                        continue;
+                    };
+                    if !parse.name.is_empty() && self.statements.contains_key(parse.name) {
+                        return Some((
+                            "42P05",
+                            format!(
+                                "prepared statement \"{}\" already exists",
+                                String::from_utf8_lossy(parse.name)
+                            ),
+                        ));
+                    }
+                    parsed.push(parse.name);
+                }
+                tag::BIND => {
+                    let Ok(bind) = decode::bind(frame.body()) else {
+                        continue;
+                    };
+                    let known = parsed.contains(&bind.statement)
+                        || if bind.statement.is_empty() {
+                            self.unnamed.is_some()
+                        } else {
+                            self.statements.contains_key(bind.statement)
+                        };
+                    if !known {
+                        return Some((
+                            "26000",
+                            format!(
+                                "prepared statement \"{}\" does not exist",
+                                String::from_utf8_lossy(bind.statement)
+                            ),
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
     }
 
     /// The Bind of a statement whose results are merged: binds the client's values to the
@@ -2415,6 +2621,17 @@ impl Session {
                 None => return Ok(()),
             }
         };
+        let mut types = types;
+        for &n in &m.dropped_params {
+            // A LIMIT/OFFSET parameter the shards' statement no longer mentions: declared, so
+            // the client's Bind still fits, as int8 unless the client said otherwise.
+            if types.len() < n {
+                types.resize(n, 0);
+            }
+            if types[n - 1] == 0 {
+                types[n - 1] = 20;
+            }
+        }
         let mut encoded = Vec::with_capacity(2 + 4 * types.len());
         encoded.extend_from_slice(&(types.len() as i16).to_be_bytes());
         for t in &types {
@@ -2459,23 +2676,12 @@ impl Session {
         });
         self.portals
             .insert(Bytes::copy_from_slice(bind.portal), self.conns[i].key);
-        let held = &mut self.conns[i];
-        held.expect.push_back(Expect::Reply {
+        self.conns[i].expect.push_back(Expect::Reply {
             kind: Kind::Bind,
             forward: true,
         });
         if !described {
-            build::message(wire, tag::DESCRIBE, |b| {
-                b.put_u8(b'P');
-                build::cstr(b, bind.portal);
-            });
-            held.expect.push_back(Expect::Reply {
-                kind: Kind::Describe {
-                    stmt: None,
-                    portal: true,
-                },
-                forward: false,
-            });
+            self.describe_portal(i, bind.portal, wire);
         }
         Ok(())
     }
@@ -2487,6 +2693,7 @@ impl Session {
         i: usize,
         frame: &Frame,
         part: &router::rewrite::SplitInsert,
+        described: bool,
         wire: &mut BytesMut,
     ) -> Result<(), protocol::Error> {
         let bind = decode::bind(frame.body())?;
@@ -2560,7 +2767,26 @@ impl Session {
             kind: Kind::Bind,
             forward: true,
         });
+        if !described {
+            // RETURNING rows are merged in VALUES order: the merger needs their description.
+            self.describe_portal(i, bind.portal, wire);
+        }
         Ok(())
+    }
+
+    /// A Describe of a portal the proxy sends for itself (its reply is not the client's).
+    fn describe_portal(&mut self, i: usize, portal: &[u8], wire: &mut BytesMut) {
+        build::message(wire, tag::DESCRIBE, |b| {
+            b.put_u8(b'P');
+            build::cstr(b, portal);
+        });
+        self.conns[i].expect.push_back(Expect::Reply {
+            kind: Kind::Describe {
+                stmt: None,
+                portal: true,
+            },
+            forward: false,
+        });
     }
 
     fn batch_message(
@@ -2876,7 +3102,7 @@ impl Session {
         }
         // Replies to injected requests are dropped, but a notification is for the client
         // whatever request it arrived during.
-        if (forward || t == tag::NOTIFICATION) && self.merge_allows(t, &frame) {
+        if (forward || t == tag::NOTIFICATION) && self.merge_allows(i, t, &frame) {
             self.out.extend_from_slice(frame.bytes());
         }
         if ends == Ends::Yes {
@@ -2889,23 +3115,41 @@ impl Session {
     }
 
     /// In a merge, which replies reach the client; CommandComplete tags are collected.
-    fn merge_allows(&mut self, t: u8, frame: &Frame) -> bool {
+    fn merge_allows(&mut self, i: usize, t: u8, frame: &Frame) -> bool {
+        let key = self.conns[i].key;
         let Some(merge) = self.merge.as_mut() else {
             return true;
         };
+        if t == tag::COPY_DATA && merge.copy_header && !merge.past_header.contains(&key) {
+            // Each shard starts with the header line; the client gets the first one only.
+            merge.past_header.push(key);
+            return !merge.error && merge.first;
+        }
         match t {
             tag::DATA_ROW => !merge.error && (merge.first || !merge.broadcast),
             tag::COPY_DATA if merge.copy_out => !merge.error,
             tag::COPY_DONE if merge.copy_out => false,
             tag::COMMAND_COMPLETE => {
+                // The k-th completion of each connection adds into the k-th tag, whichever
+                // connection the merge happened to read first.
                 let text = decode::command_complete(frame.body()).unwrap_or_default();
-                if merge.first {
-                    merge.tags.push(text.to_string());
-                } else if !merge.broadcast {
-                    let n = merge.tags.len();
-                    if let Some(last) = merge.tags.get_mut(n.saturating_sub(1)) {
-                        *last = add_counts(last, text);
+                let k = match merge.completions.iter_mut().find(|(c, _)| *c == key) {
+                    Some((_, n)) => {
+                        *n += 1;
+                        *n - 1
                     }
+                    None => {
+                        merge.completions.push((key, 1));
+                        0
+                    }
+                };
+                if merge.broadcast && !merge.first {
+                    return false;
+                }
+                match merge.tags.get_mut(k) {
+                    Some(tag) if !merge.broadcast => *tag = add_counts(tag, text),
+                    Some(_) => {}
+                    None => merge.tags.push(text.to_string()),
                 }
                 false
             }
@@ -3155,6 +3399,29 @@ impl Session {
             }
         }
     }
+}
+
+/// A multi-statement query with transaction control among its statements.
+fn ends_transaction_inside(sql: &str) -> bool {
+    let statements = lex::statements(sql);
+    statements.len() > 1
+        && statements.iter().any(|stmt| {
+            lex::Tokens::new(stmt).next().is_some_and(|w| {
+                [
+                    "commit",
+                    "end",
+                    "rollback",
+                    "abort",
+                    "begin",
+                    "start",
+                    "savepoint",
+                    "release",
+                    "prepare",
+                ]
+                .iter()
+                .any(|k| w.eq_ignore_ascii_case(k))
+            })
+        })
 }
 
 /// If `sql` is `SELECT tessera_next_id() [AS name]`, the column name it returns.

@@ -141,6 +141,9 @@ pub struct MergeSpec {
     pub offset: Option<Count>,
     pub distinct: bool,
     pub aggregate: Option<Aggregate>,
+    /// Rows are emitted taking the next row of these shard slots in turn (a split INSERT's
+    /// RETURNING, in VALUES order).
+    pub interleave: Option<Vec<usize>>,
 }
 
 /// One DataRow: the message body and where each field lies in it.
@@ -279,6 +282,8 @@ enum Acc {
 #[derive(Debug)]
 struct Group {
     accs: Vec<Acc>,
+    /// The shards that contributed a row (bit per shard, the first 64).
+    from: u64,
 }
 
 /// Merges one statement's replies from `shards` shards.
@@ -302,6 +307,8 @@ pub struct Merger {
     seen: HashSet<Vec<u8>>,
     groups: HashMap<Vec<Option<Vec<u8>>>, usize>,
     group_list: Vec<Group>,
+    /// Position in `spec.interleave`.
+    turn: usize,
 }
 
 impl Merger {
@@ -330,6 +337,7 @@ impl Merger {
             seen: HashSet::new(),
             groups: HashMap::new(),
             group_list: Vec::new(),
+            turn: 0,
         }
     }
 
@@ -393,6 +401,14 @@ impl Merger {
                         value::Sum::new(col)?;
                     }
                     Output::Avg { .. } => {
+                        if col.oid == value::oid::FLOAT4 {
+                            // Shards add real in real: a sum of many rows loses digits that
+                            // avg() on one server (which adds in double precision) keeps.
+                            return Err(Error::Unsupported(
+                                "avg() of real over several shards (cast it to double precision)"
+                                    .into(),
+                            ));
+                        }
                         let out_oid = value::avg_type(col.oid)?;
                         let f = &mut fields[i];
                         f.oid = out_oid;
@@ -454,6 +470,12 @@ impl Merger {
         Ok(())
     }
 
+    /// The first shard's reply must be read up to its description (or its end) before any
+    /// other: its ParseComplete, BindComplete and RowDescription are the client's, in order.
+    pub fn preamble_done(&self) -> bool {
+        self.description.is_some() || self.ended.first().is_none_or(|e| *e)
+    }
+
     /// The LIMIT has been reached: further rows are read only to be discarded.
     pub fn satisfied(&self) -> bool {
         self.spec.aggregate.is_none() && self.limit.is_some_and(|l| self.emitted >= l)
@@ -472,7 +494,7 @@ impl Merger {
             ));
         }
         if self.spec.aggregate.is_some() {
-            return self.accumulate(&row);
+            return self.accumulate(shard, &row);
         }
         if !self.spec.order.is_empty() {
             if let Some(prev) = &self.last[shard]
@@ -500,6 +522,13 @@ impl Merger {
         let open = |s: &usize| !self.ended[*s] && self.queues[*s].is_empty();
         if self.spec.aggregate.is_some() || self.satisfied() {
             return (0..self.queues.len()).find(|s| !self.ended[*s]);
+        }
+        if let Some(order) = &self.spec.interleave {
+            return match order.get(self.turn) {
+                Some(&s) if s < self.queues.len() && open(&s) => Some(s),
+                Some(_) => None,
+                None => (0..self.queues.len()).find(open),
+            };
         }
         if self.spec.order.is_empty() {
             // Concatenation: one shard after the other.
@@ -549,7 +578,21 @@ impl Merger {
             if self.satisfied() {
                 return Ok(());
             }
-            let pick = if self.spec.order.is_empty() {
+            let pick = if let Some(order) = &self.spec.interleave {
+                match order.get(self.turn) {
+                    Some(&s) if self.queues.get(s).is_some_and(|q| !q.is_empty()) => {
+                        self.turn += 1;
+                        Some(s)
+                    }
+                    // That shard returned fewer rows than it was sent: no order to keep.
+                    Some(&s) if self.ended.get(s).is_none_or(|e| *e) => {
+                        self.turn = order.len();
+                        (0..self.queues.len()).find(|&s| !self.queues[s].is_empty())
+                    }
+                    Some(_) => None,
+                    None => (0..self.queues.len()).find(|&s| !self.queues[s].is_empty()),
+                }
+            } else if self.spec.order.is_empty() {
                 (0..self.queues.len()).find(|&s| !self.queues[s].is_empty())
             } else {
                 if (0..self.queues.len()).any(|s| !self.ended[s] && self.queues[s].is_empty()) {
@@ -626,15 +669,16 @@ impl Merger {
                 Output::CountDistinct => Acc::Distinct(HashSet::new()),
             })
             .collect();
-        Group { accs }
+        Group { accs, from: 0 }
     }
 
-    fn accumulate(&mut self, row: &Row) -> Result<(), Error> {
+    fn accumulate(&mut self, shard: usize, row: &Row) -> Result<(), Error> {
         let agg = self
             .spec
             .aggregate
             .as_ref()
             .expect("invariant: aggregating");
+        let regrouped = agg.outputs.contains(&Output::CountDistinct);
         let key: Vec<Option<Vec<u8>>> = agg
             .keys
             .iter()
@@ -653,6 +697,16 @@ impl Merger {
                 g
             }
         };
+        // One shard returns each of its groups once: two rows of one shard in one merged group
+        // mean the merge's key is coarser than the shard's grouping (a GROUP BY name that is
+        // both a column and an output alias, say). Unless count(DISTINCT) regrouped the shards.
+        let bit = 1u64.checked_shl(shard as u32).unwrap_or(0);
+        if !regrouped && self.group_list[g].from & bit != 0 {
+            return Err(Error::Unsupported(
+                "this GROUP BY over several shards: the proxy cannot tell the shards' groups apart (is a GROUP BY name also an output alias?)".into(),
+            ));
+        }
+        self.group_list[g].from |= bit;
         let outputs = agg.outputs.clone();
         for (i, out) in outputs.iter().enumerate() {
             let col = self.cols[i];

@@ -69,6 +69,8 @@ pub struct MergePlan {
     pub spec: Arc<MergeSpec>,
     pub limit: Option<u64>,
     pub offset: u64,
+    /// Parameters `sql` does not use any more (declared as int8 if their type is open).
+    pub dropped_params: Vec<usize>,
 }
 
 impl fmt::Display for Plan {
@@ -106,6 +108,8 @@ pub enum Error {
     NoShard { key: String, table: String },
     #[error("{0}")]
     BadKey(String),
+    #[error("{} must not be negative", if *.offset { "OFFSET" } else { "LIMIT" })]
+    NegativeCount { offset: bool },
 }
 
 impl Error {
@@ -114,6 +118,8 @@ impl Error {
             Error::Unsupported(_) => "0A000",
             Error::NoShard { .. } => "22023",
             Error::BadKey(_) => "22P02",
+            Error::NegativeCount { offset: false } => "2201W",
+            Error::NegativeCount { offset: true } => "2201X",
         }
     }
 }
@@ -297,6 +303,23 @@ impl Router {
                     };
                     let parts =
                         rewrite::split_insert(sql, &row_shards).map_err(Error::Unsupported)?;
+                    // RETURNING rows come back in VALUES order: row r is the next row of the
+                    // shard that got it (slots are positions in the sorted shard list).
+                    let sorted: Vec<usize> = shards.iter().copied().collect();
+                    let turns = row_shards
+                        .iter()
+                        .map(|s| sorted.iter().position(|x| x == s).unwrap_or(0))
+                        .collect();
+                    plan.merge = Some(Arc::new(MergePlan {
+                        sql: Arc::from(""),
+                        spec: Arc::new(MergeSpec {
+                            interleave: Some(turns),
+                            ..MergeSpec::default()
+                        }),
+                        limit: None,
+                        offset: 0,
+                        dropped_params: Vec::new(),
+                    }));
                     plan.split = Some(Arc::new(
                         parts.into_iter().map(|(s, p)| (ShardId(s), p)).collect(),
                     ));
@@ -337,7 +360,7 @@ impl Router {
             }
         }
         .map_err(Error::Unsupported)?;
-        let resolve = |c: Option<Count>| -> Result<Option<u64>, Error> {
+        let resolve = |c: Option<Count>, offset: bool| -> Result<Option<u64>, Error> {
             match c {
                 None => Ok(None),
                 Some(Count::Const(n)) => Ok(Some(n)),
@@ -345,7 +368,7 @@ impl Router {
                     Some(None) => Ok(None),
                     Some(Some(ShardKey::Int(v))) => u64::try_from(v)
                         .map(Some)
-                        .map_err(|_| Error::BadKey("LIMIT/OFFSET must not be negative".into())),
+                        .map_err(|_| Error::NegativeCount { offset }),
                     _ => Err(Error::BadKey(format!(
                         "cannot read parameter ${n} as a LIMIT/OFFSET count"
                     ))),
@@ -354,9 +377,10 @@ impl Router {
         };
         Ok(Arc::new(MergePlan {
             sql: Arc::from(rewritten.sql.as_str()),
-            limit: resolve(rewritten.spec.limit)?,
-            offset: resolve(rewritten.spec.offset)?.unwrap_or(0),
+            limit: resolve(rewritten.spec.limit, false)?,
+            offset: resolve(rewritten.spec.offset, true)?.unwrap_or(0),
             spec: Arc::new(rewritten.spec.clone()),
+            dropped_params: rewritten.dropped_params.clone(),
         }))
     }
 

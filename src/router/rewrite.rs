@@ -24,6 +24,9 @@ use crate::merge::{Aggregate, CmpOp, Col, Count, MergeSpec, Output, Predicate, S
 pub struct Rewritten {
     pub sql: String,
     pub spec: MergeSpec,
+    /// Parameters the shard statement no longer uses (a LIMIT/OFFSET the merge applies): the
+    /// statement must still declare them, as int8 when the client left their type open.
+    pub dropped_params: Vec<usize>,
 }
 
 /// Rewrites one SELECT for a scatter; the error names what cannot be merged exactly.
@@ -34,9 +37,20 @@ pub fn rewrite(sql: &str, schema: &Schema) -> Result<Rewritten, String> {
         return Err("a multi-statement query on several shards".into());
     };
     let spec = rewrite_query(query, schema)?;
+    let sql = statements[0].to_string();
+    let dropped_params = [spec.limit, spec.offset]
+        .into_iter()
+        .flatten()
+        .filter_map(|c| match c {
+            Count::Param(n) => Some(n),
+            Count::Const(_) => None,
+        })
+        .filter(|n| !sql.contains(&format!("${n}")))
+        .collect();
     Ok(Rewritten {
-        sql: statements[0].to_string(),
+        sql,
         spec,
+        dropped_params,
     })
 }
 
@@ -60,6 +74,10 @@ impl Extras {
 
 fn rewrite_query(query: &mut Query, schema: &Schema) -> Result<MergeSpec, String> {
     let (limit, offset) = limits(query)?;
+    if !query.locks.is_empty() && (limit.is_some() || offset.is_some()) {
+        // Each shard would lock limit + offset rows, most of them never returned.
+        return Err("FOR UPDATE/SHARE with LIMIT/OFFSET over several shards".into());
+    }
     let SetExpr::Select(select) = query.body.as_mut() else {
         return Err("a set operation (UNION/INTERSECT/EXCEPT) on sharded tables".into());
     };
@@ -95,14 +113,6 @@ fn rewrite_query(query: &mut Query, schema: &Schema) -> Result<MergeSpec, String
             SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..)
         )
     });
-    let aggregating = !group_exprs.is_empty()
-        || select.having.is_some()
-        || select.projection.iter().any(|i| match i {
-            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
-                has_aggregate(e)
-            }
-            _ => false,
-        });
     let order: Vec<sqlparser::ast::OrderByExpr> = match &query.order_by {
         None => Vec::new(),
         Some(ob) => match &ob.kind {
@@ -110,6 +120,25 @@ fn rewrite_query(query: &mut Query, schema: &Schema) -> Result<MergeSpec, String
             OrderByKind::All(_) => return Err("ORDER BY ALL over several shards".into()),
         },
     };
+    if order
+        .iter()
+        .any(|o| has_cross_shard_window(&o.expr, schema, &select.from))
+    {
+        return Err(
+            "window functions over several shards (unless partitioned by the shard key)".into(),
+        );
+    }
+    let aggregating = !group_exprs.is_empty()
+        || select.having.is_some()
+        || order.iter().any(|o| has_aggregate(&o.expr))
+        || select.projection.iter().any(|i| match i {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
+                has_aggregate(e)
+            }
+            _ => false,
+        });
+    // ORDER BY and GROUP BY name the client's select list, not the rewritten one.
+    let original = select.projection.clone();
     let mut extras = Extras {
         items: Vec::new(),
         outputs: Vec::new(),
@@ -185,7 +214,17 @@ fn rewrite_query(query: &mut Query, schema: &Schema) -> Result<MergeSpec, String
         // GROUP BY keys: output columns, or extras carrying them.
         let mut keys = Vec::with_capacity(group_exprs.len());
         for e in &group_exprs {
-            let col = match resolve_output(e, &select.projection)? {
+            if let Some(hidden) = aliased(e, &original)
+                && hidden != *e
+                && mentions(&hidden, e)
+            {
+                // Postgres groups by the input column of that name, not by the output the
+                // alias names: the proxy could not tell the shards' groups apart.
+                return Err(format!(
+                    "GROUP BY {e}, an output alias that hides a column of the same name, over several shards"
+                ));
+            }
+            let col = match resolve_output(e, &original)? {
                 Some(col) => col,
                 None => extras.push(e.clone(), Output::Key),
             };
@@ -217,7 +256,7 @@ fn rewrite_query(query: &mut Query, schema: &Schema) -> Result<MergeSpec, String
             None => None,
         };
         for o in &order {
-            let col = match resolve_output(&o.expr, &select.projection)? {
+            let col = match resolve_output(&o.expr, &original)? {
                 Some(col) => col,
                 None => match aggregate_call(&o.expr)? {
                     Some(call) => push_aggregate(&mut extras, call, distinct_arg.as_ref())?,
@@ -261,7 +300,11 @@ fn rewrite_query(query: &mut Query, schema: &Schema) -> Result<MergeSpec, String
                     o.expr
                 ));
             }
-            None => extras.push(o.expr.clone(), Output::Key),
+            // An alias of an item after `*` (its position is unknown): its expression.
+            None => extras.push(
+                aliased(&o.expr, &select.projection).unwrap_or_else(|| o.expr.clone()),
+                Output::Key,
+            ),
         };
         spec.order.push(sort_key(col, o)?);
     }
@@ -374,7 +417,29 @@ fn strip(e: &Expr) -> &Expr {
     }
 }
 
+/// A `COLLATE` other than "C"/"POSIX": an order the proxy's bytewise comparison cannot follow.
+fn foreign_collation(e: &Expr) -> Option<String> {
+    let mut found = None;
+    let _ = sqlparser::ast::visit_expressions(e, |x| {
+        if let Expr::Collate { collation, .. } = x {
+            let name = collation.to_string();
+            let bare = name.trim_matches('"');
+            if !["C", "POSIX", "ucs_basic"].contains(&bare) {
+                found = Some(name);
+                return std::ops::ControlFlow::Break(());
+            }
+        }
+        std::ops::ControlFlow::Continue(())
+    });
+    found
+}
+
 fn sort_key(col: Col, o: &sqlparser::ast::OrderByExpr) -> Result<SortKey, String> {
+    if let Some(collation) = foreign_collation(&o.expr) {
+        return Err(format!(
+            "ORDER BY ... COLLATE {collation} over several shards (only \"C\" ordering is merged)"
+        ));
+    }
     let desc = match &o.options.sort {
         None | Some(OrderBySort::Asc) => false,
         Some(OrderBySort::Desc) => true,
@@ -416,16 +481,7 @@ fn resolve_output(e: &Expr, projection: &[SelectItem]) -> Result<Option<Col>, St
         }
         return Ok(Some(Col::Visible(k - 1)));
     }
-    if let Expr::Identifier(name) = e {
-        let wanted = fold(name);
-        for (j, item) in projection.iter().enumerate() {
-            if let SelectItem::ExprWithAlias { alias, .. } = item
-                && fold(alias) == wanted
-            {
-                return Ok(Some(Col::Visible(j)));
-            }
-        }
-    }
+    // Items after a `*` have no known position.
     let before_wildcard = projection
         .iter()
         .position(|i| {
@@ -435,6 +491,16 @@ fn resolve_output(e: &Expr, projection: &[SelectItem]) -> Result<Option<Col>, St
             )
         })
         .unwrap_or(projection.len());
+    if let Expr::Identifier(name) = e {
+        let wanted = fold(name);
+        for (j, item) in projection[..before_wildcard].iter().enumerate() {
+            if let SelectItem::ExprWithAlias { alias, .. } = item
+                && fold(alias) == wanted
+            {
+                return Ok(Some(Col::Visible(j)));
+            }
+        }
+    }
     for (j, item) in projection[..before_wildcard].iter().enumerate() {
         if let SelectItem::UnnamedExpr(x) | SelectItem::ExprWithAlias { expr: x, .. } = item
             && x == e
@@ -443,6 +509,42 @@ fn resolve_output(e: &Expr, projection: &[SelectItem]) -> Result<Option<Col>, St
         }
     }
     Ok(None)
+}
+
+/// `e` mentions the column `name` (an identifier, possibly qualified).
+fn mentions(e: &Expr, name: &Expr) -> bool {
+    let Expr::Identifier(wanted) = name else {
+        return false;
+    };
+    let mut found = false;
+    let _ = sqlparser::ast::visit_expressions(e, |x| {
+        let hit = match x {
+            Expr::Identifier(i) => fold(i) == fold(wanted),
+            Expr::CompoundIdentifier(parts) => {
+                parts.last().is_some_and(|i| fold(i) == fold(wanted))
+            }
+            _ => false,
+        };
+        if hit {
+            found = true;
+            return std::ops::ControlFlow::Break(());
+        }
+        std::ops::ControlFlow::Continue(())
+    });
+    found
+}
+
+/// The expression an output alias stands for.
+fn aliased(e: &Expr, projection: &[SelectItem]) -> Option<Expr> {
+    let Expr::Identifier(name) = e else {
+        return None;
+    };
+    projection.iter().find_map(|item| match item {
+        SelectItem::ExprWithAlias { expr, alias } if fold(alias) == fold(name) => {
+            Some(expr.clone())
+        }
+        _ => None,
+    })
 }
 
 fn fold(ident: &Ident) -> String {
@@ -505,6 +607,11 @@ fn aggregate_call(expr: &Expr) -> Result<Option<Call>, String> {
             AggKind::CountDistinct(Box::new(arg.clone()))
         }
         "count" => AggKind::Plain(Output::Count),
+        "min" | "max" if foreign_collation(expr).is_some() => {
+            return Err(format!(
+                "{name}() with a COLLATE other than \"C\" over several shards"
+            ));
+        }
         "min" => AggKind::Plain(Output::Min),
         "max" => AggKind::Plain(Output::Max),
         "sum" if !distinct => AggKind::Plain(Output::Sum),
@@ -705,6 +812,11 @@ pub fn split_insert(sql: &str, row_shards: &[usize]) -> Result<Vec<(usize, Split
     if values.rows.len() != row_shards.len() {
         return Err("an INSERT whose rows the router counted differently".into());
     }
+    if insert.on.is_some() && insert.returning.is_some() {
+        // RETURNING rows come back in VALUES order, merged from the shards by that order;
+        // rows skipped by ON CONFLICT would shift it.
+        return Err("a multi-row INSERT ... ON CONFLICT ... RETURNING whose rows belong to different shards".into());
+    }
     let mut shards: Vec<usize> = row_shards.to_vec();
     shards.sort_unstable();
     shards.dedup();
@@ -869,6 +981,19 @@ mod tests {
     }
 
     #[test]
+    fn order_by_names_the_clients_columns_not_the_rewritten_ones() {
+        let r = rw("SELECT g, avg(x), sum(x) FROM orders GROUP BY g ORDER BY sum(x)");
+        assert_eq!(r.spec.order[0].col, Col::Visible(2));
+        let r = rw("SELECT *, -id AS neg FROM users ORDER BY neg LIMIT 1");
+        assert!(r.sql.contains("-id AS tessera_extra_0"), "{}", r.sql);
+        assert_eq!(r.spec.order[0].col, Col::Extra(0));
+        let r = rw("SELECT 'total' FROM orders ORDER BY count(*)");
+        assert!(r.spec.aggregate.is_some());
+        let r = rw("SELECT g, count(*) FROM orders GROUP BY g ORDER BY g LIMIT $1 OFFSET $2");
+        assert_eq!(r.dropped_params, vec![1, 2]);
+    }
+
+    #[test]
     fn refusals_name_the_construct() {
         for (sql, needle) in [
             (
@@ -881,6 +1006,23 @@ mod tests {
             (
                 "SELECT row_number() OVER (PARTITION BY name ORDER BY id) FROM users",
                 "window",
+            ),
+            (
+                "SELECT id FROM users ORDER BY rank() OVER (ORDER BY id) LIMIT 3",
+                "window",
+            ),
+            ("SELECT id FROM users LIMIT 5 FOR UPDATE", "FOR UPDATE"),
+            (
+                "SELECT lower(name) AS name, count(*) FROM users GROUP BY name",
+                "hides a column",
+            ),
+            (
+                "SELECT name FROM users ORDER BY name COLLATE \"de-x-icu\" LIMIT 3",
+                "COLLATE",
+            ),
+            (
+                "SELECT status, count(DISTINCT note) FROM orders GROUP BY status ORDER BY note",
+                "ORDER BY note",
             ),
             ("SELECT name FROM users ORDER BY name USING <", "USING"),
             (
