@@ -211,3 +211,51 @@ async fn disabled_two_phase_opens_no_log() {
     assert!(proxy.handle.shared.decisions.is_none());
     assert!(!log_path.exists());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_proxy_finishes_its_abandoned_in_doubt_transactions() {
+    const NODE: u16 = 911;
+    let table = common::unique("twopc_abandoned");
+    let proxy = Proxy::start_sharded(|c| {
+        c.node_id = NODE;
+        c.two_phase.resolve_interval_ms = 300;
+    })
+    .await;
+    proxy
+        .connect()
+        .await
+        .batch_execute(&format!("CREATE TABLE {table} (tag text)"))
+        .await
+        .expect("DDL");
+    // As a session that lost its shard connection between PREPARE and the decision leaves it.
+    let shard0 = common::connect_primary(0).await;
+    let ours = twopc::gid(NODE, 77, 1);
+    let foreign = "other_tool_abandoned";
+    prepare(&shard0, &table, "ours", &ours).await;
+    prepare(
+        &common::connect_primary(0).await,
+        &table,
+        "foreign",
+        foreign,
+    )
+    .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let gids = prepared_gids(&shard0).await;
+        if !gids.contains(&ours) {
+            assert!(gids.contains(foreign), "another tool's stays prepared");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the proxy never finished {ours}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Undecided: rolled back.
+    assert!(tags(&shard0, &table).await.is_empty());
+    shard0
+        .batch_execute(&format!("ROLLBACK PREPARED '{foreign}'"))
+        .await
+        .expect("clean up");
+}

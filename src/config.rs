@@ -220,6 +220,14 @@ pub struct TwoPhase {
     /// finish in-doubt transactions. A relative path is relative to the working directory.
     #[serde(default = "default_two_phase_log")]
     pub log: PathBuf,
+    /// While running, how often the proxy looks for its in-doubt prepared transactions older
+    /// than this (left by a session that lost a shard connection mid-commit) and finishes them.
+    #[serde(default = "default_resolve_interval_ms")]
+    pub resolve_interval_ms: u64,
+}
+
+fn default_resolve_interval_ms() -> u64 {
+    30_000
 }
 
 fn default_two_phase_log() -> PathBuf {
@@ -231,6 +239,7 @@ impl Default for TwoPhase {
         TwoPhase {
             enabled: true,
             log: default_two_phase_log(),
+            resolve_interval_ms: default_resolve_interval_ms(),
         }
     }
 }

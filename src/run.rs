@@ -200,8 +200,8 @@ pub fn demo_config(cluster: &LocalCluster, port: u16) -> Config {
         sharding: config::Sharding::default(),
         // In the cluster's directory: the demo's decisions live and die with its servers.
         two_phase: config::TwoPhase {
-            enabled: true,
             log: cluster.dir().join("tessera-2pc.log"),
+            ..config::TwoPhase::default()
         },
         shards: Vec::new(),
     };

@@ -1,9 +1,10 @@
 //! The accept loop and the state every client task shares: pools, users, the cancel-key
 //! registry, the prepared-statement registry, the two-phase decision log and id generators.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
@@ -72,6 +73,9 @@ pub struct Shared {
     pub next_gid: AtomicU64,
     /// Global ids stamped with `config.node_id`.
     pub ids: IdGenerator,
+    /// Gids between PREPARE and the end of phase two in some session: the resolver leaves
+    /// them alone.
+    pub in_flight: Mutex<HashSet<String>>,
 }
 
 impl Shared {
@@ -127,6 +131,7 @@ impl Shared {
             boot: twopc::new_boot(),
             next_gid: AtomicU64::new(0),
             ids: IdGenerator::new(config.node_id),
+            in_flight: Mutex::new(HashSet::new()),
             config,
         })
     }
@@ -375,8 +380,11 @@ pub async fn start(config: Arc<Config>) -> Result<Handle, Error> {
     }
     let shared = Arc::new(shared);
     let shutdown = CancellationToken::new();
-    shared.health.spawn(config, shutdown.clone());
+    shared.health.spawn(config.clone(), shutdown.clone());
     let tasks = TaskTracker::new();
+    if shared.decisions.is_some() {
+        tasks.spawn(resolve_loop(shared.clone(), shutdown.clone()));
+    }
     tasks.spawn(accept_loop(
         listener,
         shared.clone(),
@@ -390,6 +398,39 @@ pub async fn start(config: Arc<Config>) -> Result<Handle, Error> {
         shutdown,
         tasks,
     })
+}
+
+/// Finishes, while the proxy runs, in-doubt transactions its sessions could not finish (a shard
+/// connection lost between PREPARE and COMMIT PREPARED), so their locks do not wait for a
+/// restart.
+async fn resolve_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let Some(log) = shared.decisions.clone() else {
+        return;
+    };
+    let every = Duration::from_millis(shared.config.two_phase.resolve_interval_ms.max(100));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let leave = twopc::Leave {
+            in_flight: shared.in_flight.lock().clone(),
+            younger_than: Some(every),
+        };
+        match twopc::resolve(&shared.config, &log, &leave).await {
+            Ok(done) if done.committed() + done.rolled_back() > 0 => info!(
+                committed = done.committed(),
+                rolled_back = done.rolled_back(),
+                "finished in-doubt transactions"
+            ),
+            Ok(done) => {
+                for failure in &done.failed {
+                    debug!(cause = %failure, "in-doubt check could not reach a shard");
+                }
+            }
+            Err(e) => warn!(cause = %e, "in-doubt check failed"),
+        }
+    }
 }
 
 async fn accept_loop(

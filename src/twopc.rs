@@ -594,13 +594,39 @@ impl Target {
 /// # Errors
 /// Only the log's compaction; shard failures are reported in [`Recovery::failed`].
 pub async fn recover(config: &Config, log: &DecisionLog) -> Result<Recovery, Error> {
+    resolve(config, log, &Leave::default()).await
+}
+
+/// Which prepared transactions a resolution pass leaves alone while the proxy runs.
+#[derive(Debug, Default, Clone)]
+pub struct Leave {
+    /// Gids a session of this proxy is committing right now.
+    pub in_flight: HashSet<String>,
+    /// Prepared less than this long ago: possibly in flight in a session that has not
+    /// registered it yet.
+    pub younger_than: Option<Duration>,
+}
+
+/// Finishes this node's in-doubt prepared transactions (committed if the log has the decision,
+/// else rolled back), except those `leave` names. At startup nothing is in flight; while the
+/// proxy runs, a session that lost a shard connection mid-commit leaves its gid here.
+///
+/// # Errors
+/// Compacting the log failed (unreachable shards are reported in [`Recovery::failed`]).
+pub async fn resolve(config: &Config, log: &DecisionLog, leave: &Leave) -> Result<Recovery, Error> {
     let decisions = Arc::new(log.committed());
+    let leave = Arc::new(leave.clone());
     let tasks: Vec<_> = config
         .shards
         .iter()
         .map(|shard| {
             Target::new(config, shard).map(|target| {
-                tokio::spawn(recover_shard(target, config.node_id, decisions.clone()))
+                tokio::spawn(recover_shard(
+                    target,
+                    config.node_id,
+                    decisions.clone(),
+                    leave.clone(),
+                ))
             })
         })
         .collect();
@@ -647,6 +673,7 @@ async fn recover_shard(
     target: Target,
     node_id: u16,
     decisions: Arc<HashSet<String>>,
+    leave: Arc<Leave>,
 ) -> Result<(ShardRecovery, Vec<String>), Error> {
     let (client, connection) =
         tokio::time::timeout(target.connect_timeout, target.pg.connect(NoTls))
@@ -665,9 +692,10 @@ async fn recover_shard(
         }
     });
     let result = async {
+        let min_age = leave.younger_than.map_or(0.0, |d| d.as_secs_f64());
         let rows = bounded(client.query(
-            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()",
-            &[],
+            "SELECT gid, extract(epoch FROM now() - prepared)::float8 >= $1 FROM pg_prepared_xacts WHERE database = current_database()",
+            &[&min_age],
         ))
         .await
         .map_err(|e| statement_error(&target, "listing prepared transactions", None, e))?;
@@ -680,6 +708,12 @@ async fn recover_shard(
         let mut remaining = Vec::new();
         for row in rows {
             let gid: String = row.get(0);
+            let old_enough: bool = row.get(1);
+            if !old_enough || leave.in_flight.contains(&gid) {
+                done.left_alone += 1;
+                remaining.push(gid);
+                continue;
+            }
             let Some(resolution) = resolution(&gid, node_id, &decisions) else {
                 done.left_alone += 1;
                 remaining.push(gid);

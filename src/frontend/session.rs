@@ -228,6 +228,28 @@ struct CopyIn {
     extended: bool,
 }
 
+/// A two-phase transaction a session is committing (registered in [`Shared::in_flight`]).
+struct GidInFlight {
+    shared: Arc<Shared>,
+    gid: String,
+}
+
+impl GidInFlight {
+    fn new(shared: &Arc<Shared>, gid: &str) -> GidInFlight {
+        shared.in_flight.lock().insert(gid.to_string());
+        GidInFlight {
+            shared: shared.clone(),
+            gid: gid.to_string(),
+        }
+    }
+}
+
+impl Drop for GidInFlight {
+    fn drop(&mut self) {
+        self.shared.in_flight.lock().remove(&self.gid);
+    }
+}
+
 /// Whether a batch is about `tessera_next_id()`, which the proxy answers itself.
 #[derive(Debug, PartialEq, Eq)]
 enum Local {
@@ -945,6 +967,9 @@ impl Session {
             .map(|tx| tx.written.clone())
             .unwrap_or_default();
         let gid = self.shared.new_gid();
+        // Until this function returns, the background resolver leaves the gid alone; if the
+        // session dies midway (a shard connection lost), the resolver finishes it.
+        let _in_flight = GidInFlight::new(&self.shared, &gid);
         // Shards the transaction only read from just commit; those it wrote to prepare.
         let jobs: Vec<(ConnKey, String)> = self
             .conns
