@@ -1,0 +1,199 @@
+//! What the proxy answers itself in a session: `SELECT tessera_next_id()`.
+
+use super::*;
+
+/// Whether a batch is about `tessera_next_id()`, which the proxy answers itself.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Local {
+    None,
+    All,
+    Mixed,
+}
+
+/// If `sql` is `SELECT tessera_next_id() [AS name]`, the column name it returns.
+pub(super) fn next_id_call(sql: &str) -> Option<String> {
+    if sql.len() > 128 || !mentions_next_id(sql.as_bytes()) {
+        return None;
+    }
+    let text = sql.trim().trim_end_matches(';').trim().to_ascii_lowercase();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let call = |w: &str| w == "tessera_next_id()";
+    match words.as_slice() {
+        ["select", f] if call(f) => Some("tessera_next_id".into()),
+        ["select", f, "as", name] | ["select", f, name]
+            if call(f) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+        {
+            Some((*name).to_string())
+        }
+        _ => None,
+    }
+}
+
+pub(super) fn mentions_next_id(text: &[u8]) -> bool {
+    text.windows(15)
+        .any(|w| w.eq_ignore_ascii_case(b"tessera_next_id"))
+}
+
+/// The RowDescription of `SELECT tessera_next_id()`: one bigint column.
+pub(super) fn next_id_description(out: &mut BytesMut, column: &str, format: i16) {
+    build::message(out, tag::ROW_DESCRIPTION, |b| {
+        b.put_i16(1);
+        build::cstr(b, column.as_bytes());
+        b.put_u32(0);
+        b.put_i16(0);
+        b.put_u32(20);
+        b.put_i16(8);
+        b.put_i32(-1);
+        b.put_i16(format);
+    });
+}
+
+pub(super) fn next_id_row(out: &mut BytesMut, id: i64, format: i16) {
+    let value = if format == 1 {
+        id.to_be_bytes().to_vec()
+    } else {
+        id.to_string().into_bytes()
+    };
+    build::message(out, tag::DATA_ROW, |b| {
+        b.put_i16(1);
+        b.put_i32(value.len() as i32);
+        b.put_slice(&value);
+    });
+}
+
+impl Session {
+    /// The batch only prepares, binds, describes and runs `SELECT tessera_next_id()`: the
+    /// proxy answers it without a server.
+    pub(super) fn answers_locally(&self, batch: &[Frame]) -> Local {
+        // The common case costs one scan of each Parse for the function's name.
+        if self.local_statements.is_empty()
+            && !batch
+                .iter()
+                .any(|f| f.tag() == tag::PARSE && mentions_next_id(f.body()))
+        {
+            return Local::None;
+        }
+        let mut statements: HashMap<&[u8], bool> = HashMap::new();
+        let mut portals: HashMap<&[u8], bool> = HashMap::new();
+        let (mut any, mut other) = (false, false);
+        let statement_local = |name: &[u8], seen: &HashMap<&[u8], bool>| {
+            seen.get(name)
+                .copied()
+                .unwrap_or_else(|| self.local_statements.contains_key(name))
+        };
+        for frame in batch {
+            let body = frame.body();
+            let local = match frame.tag() {
+                tag::PARSE => match decode::parse(body) {
+                    Ok(p) => {
+                        let local = next_id_call(&String::from_utf8_lossy(p.query)).is_some();
+                        statements.insert(p.name, local);
+                        local
+                    }
+                    Err(_) => false,
+                },
+                tag::BIND => match decode::bind(body) {
+                    Ok(b) => {
+                        let local = statement_local(b.statement, &statements);
+                        portals.insert(b.portal, local);
+                        local
+                    }
+                    Err(_) => false,
+                },
+                tag::DESCRIBE | tag::CLOSE => match decode::target(body, "Describe") {
+                    Ok((b'S', name)) => statement_local(name, &statements),
+                    Ok((_, name)) => portals
+                        .get(name)
+                        .copied()
+                        .unwrap_or_else(|| self.local_portals.contains_key(name)),
+                    Err(_) => false,
+                },
+                tag::EXECUTE => match decode::cstr(body, "Execute") {
+                    Ok((name, _)) => portals
+                        .get(name)
+                        .copied()
+                        .unwrap_or_else(|| self.local_portals.contains_key(name)),
+                    Err(_) => false,
+                },
+                _ => continue,
+            };
+            any |= local;
+            other |= !local;
+        }
+        match (any, other) {
+            (true, false) => Local::All,
+            (true, true) => Local::Mixed,
+            _ => Local::None,
+        }
+    }
+
+    /// Answers a batch [`Session::answers_locally`] accepted, message by message.
+    pub(super) async fn run_local_batch(&mut self, batch: Vec<Frame>) -> Result<(), End> {
+        self.settle().await?;
+        for frame in batch {
+            let body = frame.body();
+            match frame.tag() {
+                tag::PARSE => {
+                    let p = decode::parse(body).map_err(|e| self.client_error(e))?;
+                    let column = next_id_call(&String::from_utf8_lossy(p.query))
+                        .expect("invariant: checked by answers_locally");
+                    self.local_statements
+                        .insert(Bytes::copy_from_slice(p.name), column);
+                    build::parse_complete(&mut self.out);
+                }
+                tag::BIND => {
+                    let b = decode::bind(body).map_err(|e| self.client_error(e))?;
+                    let (_, formats) =
+                        decode::bind_result_formats(b.rest).map_err(|e| self.client_error(e))?;
+                    let column = self
+                        .local_statements
+                        .get(b.statement)
+                        .cloned()
+                        .unwrap_or_default();
+                    let format = formats.first().copied().unwrap_or(0);
+                    self.local_portals
+                        .insert(Bytes::copy_from_slice(b.portal), (column, format));
+                    build::message(&mut self.out, b'2', |_| {});
+                }
+                tag::DESCRIBE => {
+                    let (kind, name) =
+                        decode::target(body, "Describe").map_err(|e| self.client_error(e))?;
+                    if kind == b'S' {
+                        let column = self.local_statements.get(name).cloned().unwrap_or_default();
+                        build::message(&mut self.out, b't', |b| b.put_i16(0));
+                        next_id_description(&mut self.out, &column, 0);
+                    } else {
+                        let (column, format) =
+                            self.local_portals.get(name).cloned().unwrap_or_default();
+                        next_id_description(&mut self.out, &column, format);
+                    }
+                }
+                tag::EXECUTE => {
+                    let (name, _) =
+                        decode::cstr(body, "Execute").map_err(|e| self.client_error(e))?;
+                    let format = self.local_portals.get(name).map_or(0, |p| p.1);
+                    let id = self.shared.ids.next();
+                    next_id_row(&mut self.out, id, format);
+                    build::command_complete(&mut self.out, "SELECT 1");
+                }
+                tag::CLOSE => {
+                    let (kind, name) =
+                        decode::target(body, "Close").map_err(|e| self.client_error(e))?;
+                    if kind == b'S' {
+                        self.local_statements.remove(name);
+                    } else {
+                        self.local_portals.remove(name);
+                    }
+                    build::close_complete(&mut self.out);
+                }
+                tag::SYNC => {
+                    self.skip_until_sync = false;
+                    let status = self.client_status();
+                    build::ready_for_query(&mut self.out, status);
+                }
+                _ => {} // Flush: the replies go out with the next flush of the relay loop
+            }
+        }
+        Ok(())
+    }
+}
