@@ -84,14 +84,7 @@ impl Session {
                     if self.tx.as_ref().is_some_and(|tx| tx.implicit) {
                         // The proxy's own transaction ends here, on the shards it reached.
                         self.settle().await?;
-                        let jobs: Vec<(ConnKey, String)> = self
-                            .conns
-                            .iter()
-                            .filter(|h| h.begun)
-                            .map(|h| (h.key, "ROLLBACK".to_string()))
-                            .collect();
-                        self.run_injected(&jobs).await?;
-                        self.end_two_phase("ROLLBACK");
+                        self.rollback_everywhere().await?;
                     }
                     self.refuse_request(&e).await?;
                     return Ok(None);
@@ -525,15 +518,7 @@ impl Session {
                 b.put_i16(*f);
             }
         });
-        self.portals
-            .insert(Bytes::copy_from_slice(bind.portal), self.conns[i].key);
-        self.conns[i].expect.push_back(Expect::Reply {
-            kind: Kind::Bind,
-            forward: true,
-        });
-        if !described {
-            self.describe_portal(i, bind.portal, wire);
-        }
+        self.bind_sent(i, bind.portal, described, wire);
         Ok(())
     }
 
@@ -612,17 +597,22 @@ impl Session {
                 b.put_i16(*f);
             }
         });
+        self.bind_sent(i, bind.portal, described, wire);
+        Ok(())
+    }
+
+    /// After a Bind the proxy rewrote: the portal's place, the reply to expect, and a Describe
+    /// of the portal if the client sent none (the merger needs the columns).
+    fn bind_sent(&mut self, i: usize, portal: &[u8], described: bool, wire: &mut BytesMut) {
         self.portals
-            .insert(Bytes::copy_from_slice(bind.portal), self.conns[i].key);
+            .insert(Bytes::copy_from_slice(portal), self.conns[i].key);
         self.conns[i].expect.push_back(Expect::Reply {
             kind: Kind::Bind,
             forward: true,
         });
         if !described {
-            // RETURNING rows are merged in VALUES order: the merger needs their description.
-            self.describe_portal(i, bind.portal, wire);
+            self.describe_portal(i, portal, wire);
         }
-        Ok(())
     }
 
     /// A Describe of a portal the proxy sends for itself (its reply is not the client's).

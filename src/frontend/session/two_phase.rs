@@ -71,19 +71,24 @@ impl Session {
         Ok(())
     }
 
+    /// ROLLBACK on every connection of the transaction; it is over.
+    pub(super) async fn rollback_everywhere(&mut self) -> Result<(), End> {
+        let jobs: Vec<(ConnKey, String)> = self
+            .conns
+            .iter()
+            .filter(|h| h.begun)
+            .map(|h| (h.key, "ROLLBACK".to_string()))
+            .collect();
+        self.run_injected(&jobs).await?;
+        self.end_two_phase("ROLLBACK");
+        Ok(())
+    }
+
     /// The end of the proxy's own transaction around one multi-shard write: two-phase commit
     /// if the statement succeeded everywhere, else rollback everywhere.
     pub(super) async fn finish_implicit(&mut self, merge: &mut Merge) -> Result<(), End> {
         if merge.error {
-            let jobs: Vec<(ConnKey, String)> = self
-                .conns
-                .iter()
-                .filter(|h| h.begun)
-                .map(|h| (h.key, "ROLLBACK".to_string()))
-                .collect();
-            self.run_injected(&jobs).await?;
-            self.end_two_phase("ROLLBACK");
-            return Ok(());
+            return self.rollback_everywhere().await;
         }
         if let Some(error) = self.two_phase().await? {
             self.out.extend_from_slice(&error);
