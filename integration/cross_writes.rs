@@ -842,3 +842,78 @@ async fn copy_to_with_a_header_has_one_header() {
     assert_eq!(text.lines().next(), Some("id,v"));
     assert_eq!(text.lines().count(), 31);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn savepoints_work_in_transactions_that_span_shards() {
+    let name = unique("savepoint");
+    let proxy = Proxy::start_sharded(|c| map(c, &name)).await;
+    let client = proxy.connect().await;
+    table(&client, &name, "").await;
+    let config = {
+        let mut c = common::sharded_config();
+        map(&mut c, &name);
+        c
+    };
+    let placed = placement(&config, &name, &(1..=40).collect::<Vec<_>>());
+    let on0: Vec<i64> = placed[0].iter().copied().collect();
+    let on1: Vec<i64> = placed[1].iter().copied().collect();
+    for extended in [false, true] {
+        let run = |sql: String| {
+            let client = &client;
+            async move {
+                if extended {
+                    client.execute(&sql, &[]).await.map(|_| ())
+                } else {
+                    client.batch_execute(&sql).await
+                }
+            }
+        };
+        let k = if extended { 3 } else { 0 };
+        let (a, b, c) = (on0[k], on1[k], on1[k + 1]);
+        run("BEGIN".into()).await.expect("begin");
+        run(format!("INSERT INTO {name} (id, v) VALUES ({a}, 'a')"))
+            .await
+            .expect("shard 0");
+        run("SAVEPOINT s1".into()).await.expect("savepoint");
+        // Shard 1 joins after the savepoint: it gets it too.
+        run(format!("INSERT INTO {name} (id, v) VALUES ({b}, 'b')"))
+            .await
+            .expect("shard 1");
+        run("ROLLBACK TO SAVEPOINT s1".into())
+            .await
+            .expect("rollback to");
+        // An error on one shard, undone by ROLLBACK TO, as ORMs do.
+        run("SAVEPOINT \"Two\"".into()).await.expect("savepoint 2");
+        let err = run(format!("INSERT INTO {name} (id, v) VALUES ({a}, 'dup')"))
+            .await
+            .expect_err("duplicate");
+        assert_eq!(sqlstate(&err), Some("23505"));
+        run("ROLLBACK TO \"Two\"".into())
+            .await
+            .expect("rollback to after error");
+        run(format!("INSERT INTO {name} (id, v) VALUES ({c}, 'c')"))
+            .await
+            .expect("shard 1 again");
+        run("RELEASE SAVEPOINT s1".into()).await.expect("release");
+        let err = run("ROLLBACK TO s1".into()).await.expect_err("released");
+        assert_eq!(sqlstate(&err), Some("3B001"), "{err}");
+        run("ROLLBACK".into()).await.expect("rollback");
+        // Again, committed this time.
+        run("BEGIN".into()).await.expect("begin");
+        run(format!("INSERT INTO {name} (id, v) VALUES ({a}, 'a')"))
+            .await
+            .expect("shard 0");
+        run("SAVEPOINT s1".into()).await.expect("savepoint");
+        run(format!("INSERT INTO {name} (id, v) VALUES ({b}, 'b')"))
+            .await
+            .expect("shard 1");
+        run("ROLLBACK TO s1".into()).await.expect("rollback to");
+        run(format!("INSERT INTO {name} (id, v) VALUES ({c}, 'c')"))
+            .await
+            .expect("shard 1 again");
+        run("COMMIT".into()).await.expect("commit");
+        let held = ids_on_shards(&name).await;
+        assert!(held[0].contains(&a) && held[1].contains(&c), "{held:?}");
+        assert!(!held[1].contains(&b), "rolled back to before b: {held:?}");
+    }
+}

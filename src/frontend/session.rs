@@ -134,6 +134,9 @@ struct Held {
     begun: bool,
     /// The ErrorResponse of the last request the proxy injected here, if it failed.
     injected_error: Option<Bytes>,
+    /// An error arrived and its ReadyForQuery has not yet: the transaction is about to be
+    /// aborted, whatever the client sends meanwhile.
+    failing: bool,
     /// Counts this connection's statements for least-busy replica balancing.
     _in_flight: Option<InFlight>,
 }
@@ -148,6 +151,9 @@ struct Tx {
     /// An error the proxy raised aborted it: only ROLLBACK is accepted now.
     failed: bool,
     written: BTreeSet<usize>,
+    /// Savepoints open now (name as written, name as compared), oldest first: a shard that
+    /// joins the transaction later gets them too, so ROLLBACK TO means the same everywhere.
+    savepoints: Vec<(String, String)>,
     /// Opened by the proxy around one statement that writes on several shards outside a
     /// transaction, so it commits atomically (two-phase) or not at all.
     implicit: bool,
@@ -220,6 +226,107 @@ pub struct Session {
     copy_in: Option<CopyIn>,
     /// The next scatter is a COPY TO STDOUT (its CopyData is concatenated).
     copy_out: Option<Arc<CopySpec>>,
+}
+
+/// SAVEPOINT, RELEASE or ROLLBACK TO, with the savepoint's name as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SavepointOp {
+    Create(String),
+    Release(String),
+    RollbackTo(String),
+}
+
+impl SavepointOp {
+    fn parse(sql: &str) -> Option<SavepointOp> {
+        let statements = lex::statements(sql);
+        let [stmt] = statements.as_slice() else {
+            return None;
+        };
+        let words: Vec<&str> = lex::Tokens::new(stmt).collect();
+        let lower: Vec<String> = words.iter().map(|w| w.to_ascii_lowercase()).collect();
+        let last = |at: usize| (words.len() == at + 1).then(|| words[at].to_string());
+        match lower.first().map(String::as_str)? {
+            "savepoint" => last(1).map(SavepointOp::Create),
+            "release" if lower.get(1).map(String::as_str) == Some("savepoint") => {
+                last(2).map(SavepointOp::Release)
+            }
+            "release" => last(1).map(SavepointOp::Release),
+            "rollback" | "abort" => {
+                let to = lower.iter().position(|w| w == "to")?;
+                let at = if lower.get(to + 1).map(String::as_str) == Some("savepoint") {
+                    to + 2
+                } else {
+                    to + 1
+                };
+                last(at).map(SavepointOp::RollbackTo)
+            }
+            _ => None,
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            SavepointOp::Create(n) | SavepointOp::Release(n) | SavepointOp::RollbackTo(n) => n,
+        }
+    }
+
+    fn tag(&self) -> &'static str {
+        match self {
+            SavepointOp::Create(_) => "SAVEPOINT",
+            SavepointOp::Release(_) => "RELEASE",
+            SavepointOp::RollbackTo(_) => "ROLLBACK",
+        }
+    }
+}
+
+/// A savepoint name as Postgres compares it: folded to lower case unless quoted.
+fn fold_name(name: &str) -> String {
+    match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+        Some(quoted) => quoted.replace("\"\"", "\""),
+        None => name.to_ascii_lowercase(),
+    }
+}
+
+/// The SQL of the statement a batch runs: its Parse, or the statement its Bind names.
+fn batch_sql(session: &Session, batch: &[Frame]) -> Option<String> {
+    for frame in batch {
+        match frame.tag() {
+            tag::PARSE => {
+                let parse = decode::parse(frame.body()).ok()?;
+                return Some(String::from_utf8_lossy(parse.query).into_owned());
+            }
+            tag::BIND => {
+                let bind = decode::bind(frame.body()).ok()?;
+                let parse = if bind.statement.is_empty() {
+                    session.unnamed.as_ref().map(|u| u.parse.clone())
+                } else {
+                    session
+                        .statements
+                        .get(bind.statement)
+                        .map(|s| s.parse.clone())
+                }?;
+                let p = decode::parse(parse.get(5..)?).ok()?;
+                return Some(String::from_utf8_lossy(p.query).into_owned());
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The savepoints to recreate on a shard that joins a transaction, as one query.
+fn savepoint_replay(tx: &Tx) -> Option<Bytes> {
+    if tx.savepoints.is_empty() {
+        return None;
+    }
+    let sql: Vec<String> = tx
+        .savepoints
+        .iter()
+        .map(|(raw, _)| format!("SAVEPOINT {raw}"))
+        .collect();
+    let mut msg = BytesMut::new();
+    build::query(&mut msg, &sql.join("; "));
+    Some(msg.freeze())
 }
 
 /// Why the session ended.
@@ -546,6 +653,11 @@ impl Session {
                 Err(e) => return self.refuse_statement(&e).await,
             }
         };
+        if self.tx.is_some() && self.conns.iter().any(|h| h.failing) {
+            // A pipelined statement after one that failed: the transaction is aborted, even
+            // if the failure's ReadyForQuery has not arrived yet.
+            self.settle().await?;
+        }
         if let Some(cmd) = plan.tx {
             return self.on_tx_command(frame, cmd, &sql).await;
         }
@@ -746,6 +858,7 @@ impl Session {
                     read_only,
                     failed: false,
                     written: BTreeSet::new(),
+                    savepoints: Vec::new(),
                     implicit: false,
                 });
                 self.reply_locally("BEGIN")
@@ -812,10 +925,41 @@ impl Session {
                     }
                 }
             }
-            TxCommand::Savepoint => {
-                if self.tx_failed() && !sql.to_ascii_lowercase().contains("rollback") {
+            TxCommand::Savepoint if self.tx.is_some() => {
+                let Some(op) = SavepointOp::parse(sql) else {
+                    return self
+                        .refuse_statement(&router::Error::Unsupported(
+                            "a savepoint statement the proxy cannot read".into(),
+                        ))
+                        .await;
+                };
+                if self.tx_failed() && !matches!(op, SavepointOp::RollbackTo(..)) {
                     return self.aborted().await;
                 }
+                if let Err(message) = self.track_savepoint(&op) {
+                    return self.refuse("3B001", &message).await;
+                }
+                let begun: Vec<ConnKey> = self
+                    .conns
+                    .iter()
+                    .filter(|h| h.begun)
+                    .map(|h| h.key)
+                    .collect();
+                if begun.is_empty() {
+                    // No shard has the transaction yet: each gets the savepoint when it joins.
+                    return self.reply_locally(op.tag());
+                }
+                let bytes = frame.into_bytes();
+                self.scatter_on(&begun, true, None, move |_, _, wire| {
+                    wire.extend_from_slice(&bytes);
+                    Ok(vec![Kind::Query {
+                        changes: Vec::new(),
+                    }])
+                })
+                .await
+            }
+            TxCommand::Savepoint => {
+                // Outside a transaction block: Postgres says what is wrong.
                 let key = match self.conns.as_slice() {
                     [] => ConnKey::primary(0),
                     [one] => one.key,
@@ -847,6 +991,70 @@ impl Session {
                 .await
             }
         }
+    }
+
+    /// SAVEPOINT, RELEASE or ROLLBACK TO through the extended protocol inside a transaction:
+    /// run on every shard the transaction holds, answered as one.
+    async fn extended_savepoint(&mut self, batch: &[Frame], begun: &[ConnKey]) -> Result<(), End> {
+        self.settle().await?;
+        let Some(op) = batch_sql(self, batch)
+            .as_deref()
+            .and_then(SavepointOp::parse)
+        else {
+            crate::frontend::error(
+                &mut self.out,
+                "0A000",
+                "not supported across shards: a savepoint statement the proxy cannot read",
+            );
+            return self.end_failed_batch(true);
+        };
+        if self.tx_failed() && !matches!(op, SavepointOp::RollbackTo(..)) {
+            crate::frontend::error(
+                &mut self.out,
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            );
+            return self.end_failed_batch(true);
+        }
+        if let Err(message) = self.track_savepoint(&op) {
+            crate::frontend::error(&mut self.out, "3B001", &message);
+            if let Some(tx) = self.tx.as_mut() {
+                tx.failed = true;
+            }
+            return self.end_failed_batch(true);
+        }
+        let sql = match &op {
+            SavepointOp::Create(n) => format!("SAVEPOINT {n}"),
+            SavepointOp::Release(n) => format!("RELEASE SAVEPOINT {n}"),
+            SavepointOp::RollbackTo(n) => format!("ROLLBACK TO SAVEPOINT {n}"),
+        };
+        let jobs: Vec<(ConnKey, String)> = begun.iter().map(|k| (*k, sql.clone())).collect();
+        let errors = self.run_injected(&jobs).await?;
+        let outcome = match errors.into_iter().flatten().next() {
+            Some(error) => Err(error),
+            None => Ok(op.tag()),
+        };
+        self.answer_tx_batch(batch, outcome)
+    }
+
+    /// Keeps the transaction's savepoint stack as Postgres does; an error for an unknown name.
+    fn track_savepoint(&mut self, op: &SavepointOp) -> Result<(), String> {
+        let Some(tx) = self.tx.as_mut() else {
+            return Ok(());
+        };
+        let name = fold_name(op.name());
+        let found = tx.savepoints.iter().rposition(|(_, n)| *n == name);
+        match (op, found) {
+            (SavepointOp::Create(raw), _) => tx.savepoints.push((raw.clone(), name)),
+            (SavepointOp::Release(_), Some(at)) => tx.savepoints.truncate(at),
+            (SavepointOp::RollbackTo(_), Some(at)) => {
+                tx.savepoints.truncate(at + 1);
+                // Rolled back to a point before the error: the transaction goes on.
+                tx.failed = false;
+            }
+            (_, None) => return Err(format!("savepoint \"{}\" does not exist", op.name())),
+        }
+        Ok(())
     }
 
     /// Inside a transaction the proxy aborted: everything but ROLLBACK fails, as on Postgres.
@@ -1007,13 +1215,23 @@ impl Session {
                 // Held from before the transaction began (a write's WAL-position probe still
                 // running, or session pooling): the transaction starts here now.
                 held.begun = true;
+                let mut wire = BytesMut::from(&tx.begin[..]);
                 held.expect.push_back(Expect::Reply {
                     kind: Kind::Query {
                         changes: Vec::new(),
                     },
                     forward: false,
                 });
-                held.conn.send(&tx.begin).await?;
+                if let Some(replay) = savepoint_replay(tx) {
+                    wire.extend_from_slice(&replay);
+                    held.expect.push_back(Expect::Reply {
+                        kind: Kind::Query {
+                            changes: Vec::new(),
+                        },
+                        forward: false,
+                    });
+                }
+                held.conn.send(&wire).await?;
             }
             return Ok(i);
         }
@@ -1073,6 +1291,15 @@ impl Session {
                 },
                 forward: false,
             });
+            if let Some(replay) = savepoint_replay(tx) {
+                wire.extend_from_slice(&replay);
+                expect.push_back(Expect::Reply {
+                    kind: Kind::Query {
+                        changes: Vec::new(),
+                    },
+                    forward: false,
+                });
+            }
         }
         if !wire.is_empty() {
             conn.send(&wire).await?;
@@ -1088,6 +1315,7 @@ impl Session {
             wrote: false,
             begun: self.tx.is_some(),
             injected_error: None,
+            failing: false,
             _in_flight: (key.server > 0).then(|| state.enter()),
         });
         Ok(self.conns.len() - 1)
@@ -1170,6 +1398,10 @@ impl Session {
                 _ => None,
             });
         }
+        if self.tx.is_some() && self.conns.iter().any(|h| h.failing) {
+            // The batch before this one failed: its transaction is aborted (see on_query).
+            self.settle().await?;
+        }
         let plans: Vec<&Plan> = targets.iter().flatten().collect();
         // An aborted transaction accepts only ROLLBACK (and ROLLBACK TO SAVEPOINT).
         let ends_tx = |p: &&Plan| {
@@ -1196,6 +1428,13 @@ impl Session {
                 .filter(|h| h.begun)
                 .map(|h| h.key)
                 .collect();
+            if cmd == TxCommand::Savepoint
+                && self.tx.is_some()
+                && plans.len() == 1
+                && batch.last().map(Frame::tag) == Some(tag::SYNC)
+            {
+                return self.extended_savepoint(&batch, &begun).await;
+            }
             if begun.len() > 1 {
                 if plans.len() != 1
                     || cmd == TxCommand::Savepoint
@@ -1748,6 +1987,7 @@ impl Session {
                 };
                 held.conn.status = status;
                 held.copy_in = false;
+                held.failing = false;
             }
             _ => {}
         }
@@ -1822,6 +2062,7 @@ impl Session {
                     } else {
                         BTreeSet::new()
                     },
+                    savepoints: Vec::new(),
                     implicit: false,
                 });
             }
@@ -1886,6 +2127,7 @@ impl Session {
             self.errors += 1;
         }
         let held = &mut self.conns[i];
+        held.failing = true;
         let was_copy_in = std::mem::replace(&mut held.copy_in, false);
         if matches!(
             held.expect.front(),

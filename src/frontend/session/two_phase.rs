@@ -284,6 +284,7 @@ impl Session {
             read_only: false,
             failed: false,
             written: shards.iter().copied().collect(),
+            savepoints: Vec::new(),
             implicit: true,
         });
         Ok(())
