@@ -917,3 +917,144 @@ async fn savepoints_work_in_transactions_that_span_shards() {
         assert!(!held[1].contains(&b), "rolled back to before b: {held:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_failures_and_transaction_edges_across_shards() {
+    let name = unique("edges");
+    let proxy = Proxy::start_sharded(|c| map(c, &name)).await;
+    let client = proxy.connect().await;
+    table(&client, &name, "").await;
+    let values: Vec<String> = (1..=20).map(|i| format!("({i}, 'v')")).collect();
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {name} (id, v) VALUES {}",
+            values.join(", ")
+        ))
+        .await
+        .expect("load");
+    let config = {
+        let mut c = common::sharded_config();
+        map(&mut c, &name);
+        c
+    };
+    let placed = placement(&config, &name, &(1..=20).collect::<Vec<_>>());
+    let (a, b) = (
+        *placed[0].iter().next().expect("shard 0 key"),
+        *placed[1].iter().next().expect("shard 1 key"),
+    );
+    let v = |id: i64| {
+        let client = &client;
+        let name = &name;
+        async move {
+            client
+                .query_one(&format!("SELECT v FROM {name} WHERE id = {id}"), &[])
+                .await
+                .expect("read")
+                .get::<_, String>(0)
+        }
+    };
+
+    // A failing statement and COMMIT pipelined: nothing of the transaction commits.
+    client.batch_execute("BEGIN").await.expect("begin");
+    client
+        .batch_execute(&format!("UPDATE {name} SET v = 'p1' WHERE id = {a}"))
+        .await
+        .expect("shard 0");
+    client
+        .batch_execute(&format!("UPDATE {name} SET v = 'p1' WHERE id = {b}"))
+        .await
+        .expect("shard 1");
+    let bad = format!("UPDATE {name} SET v = (1 / 0)::text WHERE id = {a}");
+    let (failed, commit) = futures::join!(client.simple_query(&bad), client.simple_query("COMMIT"));
+    assert_eq!(sqlstate(&failed.expect_err("1/0")), Some("22012"));
+    let _ = commit;
+    assert_eq!(v(a).await, "v");
+    assert_eq!(v(b).await, "v", "no shard committed");
+
+    // A failing statement and a write on the other shard pipelined: the write gets 25P02.
+    client.batch_execute("BEGIN").await.expect("begin");
+    client
+        .batch_execute(&format!("UPDATE {name} SET v = 'p2' WHERE id = {a}"))
+        .await
+        .expect("shard 0");
+    let other = format!("UPDATE {name} SET v = 'p2' WHERE id = {b}");
+    let (failed, after) = futures::join!(client.simple_query(&bad), client.simple_query(&other));
+    assert_eq!(sqlstate(&failed.expect_err("1/0")), Some("22012"));
+    assert_eq!(sqlstate(&after.expect_err("aborted")), Some("25P02"));
+    client.batch_execute("ROLLBACK").await.expect("rollback");
+
+    // An error the proxy raises, then COMMIT through the extended protocol: rolled back.
+    client.execute("BEGIN", &[]).await.expect("begin");
+    client
+        .execute(&format!("UPDATE {name} SET v = 'p3' WHERE id = {a}"), &[])
+        .await
+        .expect("shard 0");
+    let err = client
+        .query(&format!("SELECT string_agg(v, ',') FROM {name}"), &[])
+        .await
+        .expect_err("refused");
+    assert_eq!(sqlstate(&err), Some("0A000"));
+    client.execute("COMMIT", &[]).await.expect("commit answers");
+    assert_eq!(v(a).await, "v", "an aborted transaction does not commit");
+
+    // Savepoints a single shard runs inside a multi-statement query, and pipelined with a
+    // statement (pgjdbc's autosave): the proxy keeps up.
+    client.batch_execute("BEGIN").await.expect("begin");
+    client
+        .batch_execute(&format!("UPDATE {name} SET v = 'x' WHERE id = {a}"))
+        .await
+        .expect("write");
+    client
+        .batch_execute(&format!(
+            "SAVEPOINT s; UPDATE {name} SET v = 'y' WHERE id = {a}"
+        ))
+        .await
+        .expect("multi-statement with a savepoint");
+    client
+        .batch_execute("ROLLBACK TO SAVEPOINT s")
+        .await
+        .expect("the savepoint is known");
+    let update = format!("UPDATE {name} SET v = 'z' WHERE id = {a}");
+    let (sp, upd) = futures::join!(
+        client.execute("SAVEPOINT auto", &[]),
+        client.execute(&update, &[])
+    );
+    sp.expect("savepoint");
+    upd.expect("update");
+    client
+        .execute("ROLLBACK TO SAVEPOINT auto", &[])
+        .await
+        .expect("pipelined savepoint is known");
+    client.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!(v(a).await, "x");
+
+    // ROLLBACK with a comment that says "to" is a rollback.
+    client.batch_execute("BEGIN").await.expect("begin");
+    client
+        .batch_execute(&format!("UPDATE {name} SET v = 'c' WHERE id = {a}"))
+        .await
+        .expect("write");
+    client
+        .batch_execute("ROLLBACK /* back to the start */")
+        .await
+        .expect("rollback");
+    assert_eq!(v(a).await, "x");
+
+    // AND CHAIN cannot keep a transaction spanning shards going: refused.
+    client.batch_execute("BEGIN").await.expect("begin");
+    client
+        .batch_execute(&format!("UPDATE {name} SET v = 'q' WHERE id = {a}"))
+        .await
+        .expect("shard 0");
+    client
+        .batch_execute(&format!("UPDATE {name} SET v = 'q' WHERE id = {b}"))
+        .await
+        .expect("shard 1");
+    let err = client
+        .batch_execute("COMMIT AND CHAIN")
+        .await
+        .expect_err("refused");
+    assert_eq!(sqlstate(&err), Some("0A000"), "{err}");
+    client.batch_execute("ROLLBACK").await.expect("rollback");
+    assert_eq!(v(b).await, "v");
+}

@@ -75,7 +75,7 @@ pub struct Shared {
     pub ids: IdGenerator,
     /// Gids between PREPARE and the end of phase two in some session: the resolver leaves
     /// them alone.
-    pub in_flight: Mutex<HashSet<String>>,
+    pub in_flight: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Shared {
@@ -131,7 +131,7 @@ impl Shared {
             boot: twopc::new_boot(),
             next_gid: AtomicU64::new(0),
             ids: IdGenerator::new(config.node_id),
-            in_flight: Mutex::new(HashSet::new()),
+            in_flight: Arc::new(Mutex::new(HashSet::new())),
             config,
         })
     }
@@ -414,18 +414,29 @@ async fn resolve_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = tokio::time::sleep(every) => {}
         }
         let leave = twopc::Leave {
-            in_flight: shared.in_flight.lock().clone(),
+            in_flight: Some(shared.in_flight.clone()),
+            log: Some(log.clone()),
             younger_than: Some(every),
         };
         match twopc::resolve(&shared.config, &log, &leave).await {
-            Ok(done) if done.committed() + done.rolled_back() > 0 => info!(
-                committed = done.committed(),
-                rolled_back = done.rolled_back(),
-                "finished in-doubt transactions"
-            ),
             Ok(done) => {
+                if done.committed() + done.rolled_back() > 0 {
+                    info!(
+                        committed = done.committed(),
+                        rolled_back = done.rolled_back(),
+                        "finished in-doubt transactions"
+                    );
+                }
                 for failure in &done.failed {
                     debug!(cause = %failure, "in-doubt check could not reach a shard");
+                }
+                // A rewrite and two fsyncs: off the async worker.
+                let log = log.clone();
+                let keep = done.still_in_doubt;
+                match tokio::task::spawn_blocking(move || log.compact(&keep)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => warn!(cause = %e, "cannot compact the decision log"),
+                    Err(e) => warn!(cause = %e, "cannot compact the decision log"),
                 }
             }
             Err(e) => warn!(cause = %e, "in-doubt check failed"),

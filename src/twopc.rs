@@ -510,6 +510,8 @@ pub struct Recovery {
     pub failed: Vec<Error>,
     /// Commit decisions left in the log after compaction.
     pub decisions_kept: usize,
+    /// The decisions still needed (for a compaction the caller runs itself).
+    pub still_in_doubt: HashSet<String>,
 }
 
 impl Recovery {
@@ -598,12 +600,16 @@ pub async fn recover(config: &Config, log: &DecisionLog) -> Result<Recovery, Err
 }
 
 /// Which prepared transactions a resolution pass leaves alone while the proxy runs.
-#[derive(Debug, Default, Clone)]
+#[derive(Default, Clone)]
 pub struct Leave {
-    /// Gids a session of this proxy is committing right now.
-    pub in_flight: HashSet<String>,
-    /// Prepared less than this long ago: possibly in flight in a session that has not
-    /// registered it yet.
+    /// Gids sessions of this proxy are committing right now, looked at when acting on each
+    /// gid (a session registers its gid before PREPARE, so a prepared gid not in here is not
+    /// in flight).
+    pub in_flight: Option<Arc<Mutex<HashSet<String>>>>,
+    /// The running proxy's log, read again when acting: a decision recorded after the pass
+    /// began must not be rolled back.
+    pub log: Option<Arc<DecisionLog>>,
+    /// Prepared less than this long ago: left for the next pass.
     pub younger_than: Option<Duration>,
 }
 
@@ -663,8 +669,12 @@ pub async fn resolve(config: &Config, log: &DecisionLog, leave: &Leave) -> Resul
     } else {
         (*decisions).clone()
     };
-    log.compact(&still_in_doubt)?;
+    // A running proxy compacts off its async worker (see `server::resolve_loop`).
+    if leave.log.is_none() {
+        log.compact(&still_in_doubt)?;
+    }
     recovery.decisions_kept = still_in_doubt.len();
+    recovery.still_in_doubt = still_in_doubt;
     Ok(recovery)
 }
 
@@ -709,12 +719,22 @@ async fn recover_shard(
         for row in rows {
             let gid: String = row.get(0);
             let old_enough: bool = row.get(1);
-            if !old_enough || leave.in_flight.contains(&gid) {
+            let in_flight = leave
+                .in_flight
+                .as_ref()
+                .is_some_and(|set| set.lock().contains(&gid));
+            if !old_enough || in_flight {
                 done.left_alone += 1;
                 remaining.push(gid);
                 continue;
             }
-            let Some(resolution) = resolution(&gid, node_id, &decisions) else {
+            let decided_since = leave.log.as_ref().is_some_and(|l| l.is_committed(&gid));
+            let resolution = if decided_since {
+                Some(Resolution::Commit)
+            } else {
+                resolution(&gid, node_id, &decisions)
+            };
+            let Some(resolution) = resolution else {
                 done.left_alone += 1;
                 remaining.push(gid);
                 continue;

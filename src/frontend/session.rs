@@ -314,6 +314,30 @@ fn batch_sql(session: &Session, batch: &[Frame]) -> Option<String> {
     None
 }
 
+/// The SQL of the statement the Bind at `batch[n]` runs.
+fn bind_sql(session: &Session, batch: &[Frame], n: usize) -> Option<String> {
+    let bind = decode::bind(batch.get(n)?.body()).ok()?;
+    let parsed = batch[..n].iter().rev().find_map(|f| {
+        let p = decode::parse(f.body())
+            .ok()
+            .filter(|_| f.tag() == tag::PARSE)?;
+        (p.name == bind.statement).then(|| String::from_utf8_lossy(p.query).into_owned())
+    });
+    if parsed.is_some() {
+        return parsed;
+    }
+    let parse = if bind.statement.is_empty() {
+        session.unnamed.as_ref().map(|u| u.parse.clone())
+    } else {
+        session
+            .statements
+            .get(bind.statement)
+            .map(|s| s.parse.clone())
+    }?;
+    let p = decode::parse(parse.get(5..)?).ok()?;
+    Some(String::from_utf8_lossy(p.query).into_owned())
+}
+
 /// The savepoints to recreate on a shard that joins a transaction, as one query.
 fn savepoint_replay(tx: &Tx) -> Option<Bytes> {
     if tx.savepoints.is_empty() {
@@ -653,10 +677,21 @@ impl Session {
                 Err(e) => return self.refuse_statement(&e).await,
             }
         };
-        if self.tx.is_some() && self.conns.iter().any(|h| h.failing) {
-            // A pipelined statement after one that failed: the transaction is aborted, even
-            // if the failure's ReadyForQuery has not arrived yet.
+        if self.must_settle(&plan) {
+            // A statement pipelined behind replies still pending elsewhere in the transaction
+            // (or ending it): those replies may abort the transaction, so they come first.
             self.settle().await?;
+        }
+        if self.tx.is_some()
+            && plan.tx.is_none()
+            && let [_, _, ..] = lex::statements(&sql).as_slice()
+        {
+            // Savepoints inside a multi-statement query (one shard runs it): keep the stack.
+            for stmt in lex::statements(&sql) {
+                if let Some(op) = SavepointOp::parse(stmt) {
+                    let _ = self.track_savepoint(&op);
+                }
+            }
         }
         if let Some(cmd) = plan.tx {
             return self.on_tx_command(frame, cmd, &sql).await;
@@ -865,6 +900,15 @@ impl Session {
             }
             TxCommand::Commit | TxCommand::Rollback => {
                 let failed = self.tx_failed();
+                if self.conns.len() > 1
+                    && lex::Tokens::new(sql).any(|w| w.eq_ignore_ascii_case("chain"))
+                {
+                    return self
+                        .refuse_statement(&router::Error::Unsupported(
+                            "COMMIT/ROLLBACK AND CHAIN of a transaction that spans shards".into(),
+                        ))
+                        .await;
+                }
                 let held: Vec<usize> = (0..self.conns.len()).collect();
                 match held.as_slice() {
                     [] => {
@@ -1035,6 +1079,22 @@ impl Session {
             None => Ok(op.tag()),
         };
         self.answer_tx_batch(batch, outcome)
+    }
+
+    /// In a transaction, a statement must wait for replies still pending on another connection
+    /// (or any, for transaction control): an error among them aborts the whole transaction.
+    fn must_settle(&self, plan: &Plan) -> bool {
+        if self.tx.is_none() {
+            return false;
+        }
+        let Some(i) = self.pending() else {
+            return false;
+        };
+        plan.tx.is_some()
+            || match &plan.fanout {
+                Fanout::One(shard) => self.conns[i].key.shard != shard.0,
+                _ => true,
+            }
     }
 
     /// Keeps the transaction's savepoint stack as Postgres does; an error for an unknown name.
@@ -1398,8 +1458,23 @@ impl Session {
                 _ => None,
             });
         }
-        if self.tx.is_some() && self.conns.iter().any(|h| h.failing) {
-            // The batch before this one failed: its transaction is aborted (see on_query).
+        if self.tx.is_some() && targets.iter().flatten().count() > 1 {
+            // Savepoints pipelined with other statements (one shard runs them, as pgjdbc's
+            // autosave does): keep the stack in step with the server.
+            for (n, plan) in targets.iter().enumerate() {
+                if plan
+                    .as_ref()
+                    .is_some_and(|p| p.tx == Some(TxCommand::Savepoint))
+                    && let Some(op) = bind_sql(self, &batch, n)
+                        .as_deref()
+                        .and_then(SavepointOp::parse)
+                {
+                    let _ = self.track_savepoint(&op);
+                }
+            }
+        }
+        if targets.iter().flatten().any(|p| self.must_settle(p)) {
+            // As in on_query: replies pending elsewhere may abort the transaction first.
             self.settle().await?;
         }
         let plans: Vec<&Plan> = targets.iter().flatten().collect();
@@ -1434,6 +1509,33 @@ impl Session {
                 && batch.last().map(Frame::tag) == Some(tag::SYNC)
             {
                 return self.extended_savepoint(&batch, &begun).await;
+            }
+            if matches!(cmd, TxCommand::Commit | TxCommand::Rollback)
+                && self.tx_failed()
+                && plans.len() == 1
+                && batch.last().map(Frame::tag) == Some(tag::SYNC)
+            {
+                // Aborted (perhaps by an error the proxy raised, which the server never saw):
+                // it ends in a rollback whatever the client asked, on every shard it holds.
+                self.settle().await?;
+                let jobs: Vec<(ConnKey, String)> =
+                    begun.iter().map(|k| (*k, "ROLLBACK".to_string())).collect();
+                self.run_injected(&jobs).await?;
+                self.end_two_phase("ROLLBACK");
+                return self.answer_tx_batch(&batch, Ok("ROLLBACK"));
+            }
+            if begun.len() > 1
+                && batch_sql(self, &batch).is_some_and(|sql| {
+                    lex::Tokens::new(&sql).any(|w| w.eq_ignore_ascii_case("chain"))
+                })
+            {
+                self.settle().await?;
+                crate::frontend::error(
+                    &mut self.out,
+                    "0A000",
+                    "not supported across shards: COMMIT/ROLLBACK AND CHAIN of a transaction that spans shards",
+                );
+                return self.end_failed_batch(has_sync);
             }
             if begun.len() > 1 {
                 if plans.len() != 1

@@ -339,10 +339,8 @@ fn analyze_one(stmt: &str, schema: &Schema) -> Analysis {
         "commit" | "end" => return tx(TxCommand::Commit),
         "rollback" | "abort" if second == "prepared" => return tx(TxCommand::TwoPhase),
         "rollback" | "abort" => {
-            let to_savepoint = stmt
-                .to_ascii_lowercase()
-                .split_whitespace()
-                .any(|w| w == "to");
+            // Tokens, not words: a comment may say "to" too.
+            let to_savepoint = lex::Tokens::new(stmt).any(|w| w.eq_ignore_ascii_case("to"));
             return tx(if to_savepoint {
                 TxCommand::Savepoint
             } else {

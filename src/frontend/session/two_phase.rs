@@ -132,11 +132,35 @@ impl Session {
             })
             .collect();
         debug!(%gid, shards = ?written, "two-phase commit: prepare");
-        let results = self.run_injected(&jobs).await?;
+        let mut results = self.run_injected(&jobs).await?;
+        // A shard whose transaction was already aborted answers PREPARE (or COMMIT) with a
+        // ROLLBACK and no error: that is a failure too, never a vote to commit.
+        for ((key, sql), result) in jobs.iter().zip(results.iter_mut()) {
+            let want = if sql.starts_with("PREPARE") {
+                "PREPARE TRANSACTION"
+            } else {
+                "COMMIT"
+            };
+            if result.is_none() && self.conns[self.index(*key)].last_tag != want {
+                let mut msg = BytesMut::new();
+                crate::frontend::error(
+                    &mut msg,
+                    "25P02",
+                    &format!(
+                        "the transaction was aborted on shard {}; it is rolled back on every shard",
+                        key.shard
+                    ),
+                );
+                *result = Some(msg.freeze());
+            }
+        }
         let prepared: Vec<ConnKey> = jobs
             .iter()
             .zip(&results)
-            .filter(|((key, _), err)| err.is_none() && written.contains(&key.shard))
+            .filter(|((key, sql), _)| {
+                sql.starts_with("PREPARE")
+                    && self.conns[self.index(*key)].last_tag == "PREPARE TRANSACTION"
+            })
             .map(|((key, _), _)| *key)
             .collect();
         let failure = results.iter().flatten().next().cloned();
@@ -186,15 +210,15 @@ impl Session {
                 warn!(cause = %e, %gid, "could not mark a two-phase commit done");
             }
         } else {
-            // The decision is durable: recovery at the next start (or an operator) finishes
-            // the shards that did not commit yet; the transaction is committed.
-            warn!(%gid, "COMMIT PREPARED failed on a shard; recovery will finish it");
+            // The decision is durable: the resolver (or the next start) finishes the shards
+            // that did not commit yet; the transaction is committed.
+            warn!(%gid, "COMMIT PREPARED failed on a shard; the resolver will finish it");
             build::error_response(
                 &mut self.out,
                 build::Severity::Warning,
                 "01000",
                 &format!(
-                    "transaction {gid} is committed but not yet on every shard; Tessera finishes it at its next start"
+                    "transaction {gid} is committed but not yet on every shard; Tessera finishes it shortly"
                 ),
             );
         }
