@@ -32,6 +32,13 @@ fn map(config: &mut Config, name: &str) {
     config.sharding.tables.insert(name.to_string(), "id".into());
 }
 
+/// The test cluster's map with `name` sharded by id.
+fn config_for(name: &str) -> Config {
+    let mut config = common::sharded_config();
+    map(&mut config, name);
+    config
+}
+
 /// The ids each shard's primary holds, read directly.
 async fn ids_on_shards(name: &str) -> Vec<BTreeSet<i64>> {
     let mut out = Vec::new();
@@ -132,11 +139,7 @@ async fn multi_row_inserts_split_by_shard_in_both_protocols() {
 
     // Every row is on the shard that owns it, and only there.
     let all: Vec<i64> = (1..=60).collect();
-    let config = {
-        let mut c = common::sharded_config();
-        map(&mut c, &name);
-        c
-    };
+    let config = config_for(&name);
     assert_eq!(ids_on_shards(&name).await, placement(&config, &name, &all));
 
     // UPDATE and DELETE without a key: every shard's RETURNING rows, summed counts.
@@ -249,11 +252,7 @@ async fn a_shard_failing_prepare_leaves_no_trace() {
         ", x int UNIQUE DEFERRABLE INITIALLY DEFERRED",
     )
     .await;
-    let config = {
-        let mut c = common::sharded_config();
-        map(&mut c, &name);
-        c
-    };
+    let config = config_for(&name);
     let placed = placement(&config, &name, &(1..=20).collect::<Vec<_>>());
     let on0: Vec<i64> = placed[0].iter().copied().take(2).collect();
     let on1: i64 = *placed[1].iter().next().expect("a key on shard 1");
@@ -567,11 +566,7 @@ async fn copy_from_stdin_splits_rows_by_shard() {
     .await
     .expect("csv copy");
     assert_eq!(n, 100);
-    let config = {
-        let mut c = common::sharded_config();
-        map(&mut c, &name);
-        c
-    };
+    let config = config_for(&name);
     let all: Vec<i64> = (1..=400).collect();
     assert_eq!(ids_on_shards(&name).await, placement(&config, &name, &all));
     let row = client
@@ -709,11 +704,7 @@ async fn transactions_across_shards_end_cleanly_in_every_protocol() {
         .await
         .expect("load");
     let node = proxy.handle.shared.config.node_id;
-    let config = {
-        let mut c = common::sharded_config();
-        map(&mut c, &name);
-        c
-    };
+    let config = config_for(&name);
     let placed = placement(&config, &name, &(1..=20).collect::<Vec<_>>());
     let (a, b) = (
         *placed[0].iter().next().expect("shard 0 key"),
@@ -849,11 +840,7 @@ async fn savepoints_work_in_transactions_that_span_shards() {
     let proxy = Proxy::start_sharded(|c| map(c, &name)).await;
     let client = proxy.connect().await;
     table(&client, &name, "").await;
-    let config = {
-        let mut c = common::sharded_config();
-        map(&mut c, &name);
-        c
-    };
+    let config = config_for(&name);
     let placed = placement(&config, &name, &(1..=40).collect::<Vec<_>>());
     let on0: Vec<i64> = placed[0].iter().copied().collect();
     let on1: Vec<i64> = placed[1].iter().copied().collect();
@@ -932,11 +919,7 @@ async fn pipelined_failures_and_transaction_edges_across_shards() {
         ))
         .await
         .expect("load");
-    let config = {
-        let mut c = common::sharded_config();
-        map(&mut c, &name);
-        c
-    };
+    let config = config_for(&name);
     let placed = placement(&config, &name, &(1..=20).collect::<Vec<_>>());
     let (a, b) = (
         *placed[0].iter().next().expect("shard 0 key"),

@@ -289,32 +289,18 @@ fn fold_name(name: &str) -> String {
 
 /// The SQL of the statement a batch runs: its Parse, or the statement its Bind names.
 fn batch_sql(session: &Session, batch: &[Frame]) -> Option<String> {
-    for frame in batch {
-        match frame.tag() {
-            tag::PARSE => {
-                let parse = decode::parse(frame.body()).ok()?;
-                return Some(String::from_utf8_lossy(parse.query).into_owned());
-            }
-            tag::BIND => {
-                let bind = decode::bind(frame.body()).ok()?;
-                let parse = if bind.statement.is_empty() {
-                    session.unnamed.as_ref().map(|u| u.parse.clone())
-                } else {
-                    session
-                        .statements
-                        .get(bind.statement)
-                        .map(|s| s.parse.clone())
-                }?;
-                let p = decode::parse(parse.get(5..)?).ok()?;
-                return Some(String::from_utf8_lossy(p.query).into_owned());
-            }
-            _ => {}
-        }
+    let n = batch
+        .iter()
+        .position(|f| f.tag() == tag::PARSE || f.tag() == tag::BIND)?;
+    if batch[n].tag() == tag::PARSE {
+        let parse = decode::parse(batch[n].body()).ok()?;
+        return Some(String::from_utf8_lossy(parse.query).into_owned());
     }
-    None
+    bind_sql(session, batch, n)
 }
 
-/// The SQL of the statement the Bind at `batch[n]` runs.
+/// The SQL of the statement the Bind at `batch[n]` runs: parsed earlier in the batch, or one
+/// the client prepared before.
 fn bind_sql(session: &Session, batch: &[Frame], n: usize) -> Option<String> {
     let bind = decode::bind(batch.get(n)?.body()).ok()?;
     let parsed = batch[..n].iter().rev().find_map(|f| {
