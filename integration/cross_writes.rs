@@ -1041,3 +1041,38 @@ async fn pipelined_failures_and_transaction_edges_across_shards() {
     client.batch_execute("ROLLBACK").await.expect("rollback");
     assert_eq!(v(b).await, "v");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_statement_query_runs_where_all_its_keys_are() {
+    let name = unique("multi");
+    let proxy = Proxy::start_sharded(|c| map(c, &name)).await;
+    let client = proxy.connect().await;
+    table(&client, &name, "").await;
+    let placed = placement(&config_for(&name), &name, &(1..=20).collect::<Vec<_>>());
+    let (a, a2, b) = (
+        *placed[0].iter().next().expect("shard 0 key"),
+        *placed[0].iter().nth(1).expect("another shard 0 key"),
+        *placed[1].iter().next().expect("shard 1 key"),
+    );
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {name} (id, v) VALUES ({a}, 'a'); UPDATE {name} SET v = 'b' WHERE id = {a}; INSERT INTO {name} (id, v) VALUES ({a2}, 'c'); SELECT now()"
+        ))
+        .await
+        .expect("one shard");
+    assert_eq!(ids_on_shards(&name).await[0], BTreeSet::from([a, a2]));
+    let err = client
+        .batch_execute(&format!(
+            "UPDATE {name} SET v = 'x' WHERE id = {a}; UPDATE {name} SET v = 'x' WHERE id = {b}"
+        ))
+        .await
+        .expect_err("two shards");
+    assert_eq!(sqlstate(&err), Some("0A000"), "{err}");
+    let err = client
+        .batch_execute(&format!(
+            "UPDATE {name} SET v = 'x' WHERE id = {a}; UPDATE {name} SET v = 'x'"
+        ))
+        .await
+        .expect_err("every shard");
+    assert_eq!(sqlstate(&err), Some("0A000"), "{err}");
+}

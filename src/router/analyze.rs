@@ -100,6 +100,9 @@ pub enum Route {
     /// COPY of a sharded table (in: rows split by key; out: every shard's rows), or COPY FROM
     /// into a table copied on every shard (every row to every shard).
     Copy(Arc<CopySpec>),
+    /// Several statements in one query, each with its own keys (and whether it writes): they
+    /// run together only if their keys all point at one shard, known at plan time.
+    Multi(Vec<(Route, bool)>),
     /// Cannot be run correctly across shards (the reason names the construct).
     Unsupported(String),
 }
@@ -303,6 +306,21 @@ fn combine(parts: Vec<Analysis>) -> Analysis {
             && writes =>
         {
             Route::Broadcast
+        }
+        all if all.iter().all(|r| {
+            matches!(
+                r,
+                Route::Sharded { .. } | Route::Insert { .. } | Route::Reference
+            )
+        }) =>
+        {
+            Route::Multi(
+                parts
+                    .iter()
+                    .filter(|a| !matches!(a.route, Route::AnyShard | Route::Tx(_)))
+                    .map(|a| (a.route.clone(), a.writes))
+                    .collect(),
+            )
         }
         _ => Route::Unsupported(
             "a multi-statement query whose statements target different shards".into(),

@@ -259,6 +259,7 @@ impl Router {
             Route::Reference if analysis.writes => Fanout::Broadcast,
             Route::Reference => Fanout::One(ShardId(0)),
             Route::Broadcast => Fanout::Broadcast,
+            Route::Multi(parts) => Fanout::One(ShardId(self.one_shard_of(parts, params)?)),
             Route::Copy(spec) => {
                 plan.copy = Some(spec.clone());
                 if spec.to || spec.key.is_some() {
@@ -342,6 +343,49 @@ impl Router {
             return Ok(Fanout::One(ShardId(*one)));
         }
         Ok(Fanout::Scatter(shards.into_iter().map(ShardId).collect()))
+    }
+
+    /// The one shard every statement of a multi-statement query needs.
+    fn one_shard_of(&self, parts: &[(Route, bool)], params: &Params<'_>) -> Result<usize, Error> {
+        let spans = || {
+            Error::Unsupported(
+                "a multi-statement query whose statements target different shards".into(),
+            )
+        };
+        let mut target: Option<usize> = None;
+        for (route, writes) in parts {
+            let set = match route {
+                Route::Sharded { table, keys } => match self.eval(keys, table, params, *writes)? {
+                    Some(set) => set,
+                    None => return Err(spans()),
+                },
+                Route::Insert { table, rows } => {
+                    let mut set = BTreeSet::new();
+                    for row in rows {
+                        match self.source_shards(row, table, params)? {
+                            Some(s) if s.len() == 1 => set.extend(s),
+                            _ => {
+                                return Err(Error::BadKey(format!(
+                                    "the shard key of {table} must not be NULL and must be decodable"
+                                )));
+                            }
+                        }
+                    }
+                    set
+                }
+                // Reads of tables every shard holds: any shard will do.
+                Route::Reference if !*writes => BTreeSet::new(),
+                _ => return Err(spans()),
+            };
+            for shard in set {
+                match target {
+                    None => target = Some(shard),
+                    Some(t) if t == shard => {}
+                    Some(_) => return Err(spans()),
+                }
+            }
+        }
+        Ok(target.unwrap_or(0))
     }
 
     /// The (cached) rewrite of a statement for a scatter, with its LIMIT/OFFSET values.
