@@ -210,10 +210,15 @@ fn multi_statement_queries() {
         a("BEGIN; UPDATE users SET name = 'a' WHERE id = 1; COMMIT").route,
         keyed("users", "1")
     );
+    // Different keys: whether they share a shard is decided at plan time.
     assert!(matches!(
         a("UPDATE users SET name = 'a' WHERE id = 1; UPDATE users SET name = 'b' WHERE id = 2")
             .route,
-        Route::Sharded { .. } | Route::Unsupported(_)
+        Route::Multi(ref parts) if parts.len() == 2
+    ));
+    assert!(matches!(
+        a("UPDATE users SET name = 'a' WHERE id = 1; CREATE TABLE c (z int)").route,
+        Route::Unsupported(_)
     ));
     assert_eq!(
         a("CREATE TABLE a (x int); CREATE TABLE b (y int)").route,
