@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::process::Output;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
