@@ -1383,23 +1383,11 @@ impl Session {
         let has_sync = batch.iter().any(|f| f.tag() == tag::SYNC);
         let local = self.answers_locally(&batch);
         if local == Local::Mixed {
-            self.settle().await?;
-            super::error(
-                &mut self.out,
-                "0A000",
-                "tessera_next_id() in one pipeline with other statements: send it with a Sync of its own",
-            );
-            return self.end_failed_batch(has_sync);
+            return self.fail_batch("0A000", "tessera_next_id() in one pipeline with other statements: send it with a Sync of its own", has_sync).await;
         }
         if local == Local::All {
             if self.tx_failed() {
-                self.settle().await?;
-                super::error(
-                    &mut self.out,
-                    "25P02",
-                    "current transaction is aborted, commands ignored until end of transaction block",
-                );
-                return self.end_failed_batch(has_sync);
+                return self.fail_batch("25P02", "current transaction is aborted, commands ignored until end of transaction block", has_sync).await;
             }
             return self.run_local_batch(batch).await;
         }
@@ -1472,13 +1460,7 @@ impl Session {
             )
         };
         if self.tx_failed() && !self.shared.router.passthrough() && !plans.iter().all(ends_tx) {
-            self.settle().await?;
-            super::error(
-                &mut self.out,
-                "25P02",
-                "current transaction is aborted, commands ignored until end of transaction block",
-            );
-            return self.end_failed_batch(has_sync);
+            return self.fail_batch("25P02", "current transaction is aborted, commands ignored until end of transaction block", has_sync).await;
         }
         // Transaction control through the extended protocol goes where the transaction is.
         if let Some(tx_plan) = plans.iter().find(|p| p.tx.is_some()) {
@@ -1515,26 +1497,14 @@ impl Session {
                     lex::Tokens::new(&sql).any(|w| w.eq_ignore_ascii_case("chain"))
                 })
             {
-                self.settle().await?;
-                crate::frontend::error(
-                    &mut self.out,
-                    "0A000",
-                    "not supported across shards: COMMIT/ROLLBACK AND CHAIN of a transaction that spans shards",
-                );
-                return self.end_failed_batch(has_sync);
+                return self.fail_batch("0A000", "not supported across shards: COMMIT/ROLLBACK AND CHAIN of a transaction that spans shards", has_sync).await;
             }
             if begun.len() > 1 {
                 if plans.len() != 1
                     || cmd == TxCommand::Savepoint
                     || batch.last().map(Frame::tag) != Some(tag::SYNC)
                 {
-                    self.settle().await?;
-                    super::error(
-                        &mut self.out,
-                        "0A000",
-                        "not supported across shards: this transaction control statement in a transaction that spans shards",
-                    );
-                    return self.end_failed_batch(has_sync);
+                    return self.fail_batch("0A000", "not supported across shards: this transaction control statement in a transaction that spans shards", has_sync).await;
                 }
                 // COMMIT / ROLLBACK on every shard of the transaction (two-phase if it wrote on
                 // several), one reply in the extended protocol. A transaction the proxy aborted
@@ -1562,13 +1532,7 @@ impl Session {
             let multi = (*multi).clone();
             let binds = plans.len();
             if binds != 1 {
-                self.settle().await?;
-                super::error(
-                    &mut self.out,
-                    "0A000",
-                    "not supported across shards: a pipeline of several statements where one spans shards",
-                );
-                return self.end_failed_batch(has_sync);
+                return self.fail_batch("0A000", "not supported across shards: a pipeline of several statements where one spans shards", has_sync).await;
             }
             return self.scatter_batch(batch, multi).await;
         }
@@ -1644,9 +1608,9 @@ impl Session {
                 match self.pin(key).await {
                     Ok(i) => current = Some(i),
                     Err(e) => {
-                        self.settle().await?;
-                        super::error(&mut self.out, e.sqlstate(), &e.to_string());
-                        return self.end_failed_batch(has_sync);
+                        return self
+                            .fail_batch(e.sqlstate(), &e.to_string(), has_sync)
+                            .await;
                     }
                 }
             }
@@ -1667,6 +1631,14 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// An error the proxy raises for a whole batch, after the replies still pending; then
+    /// as [`Session::end_failed_batch`].
+    async fn fail_batch(&mut self, code: &str, message: &str, has_sync: bool) -> Result<(), End> {
+        self.settle().await?;
+        super::error(&mut self.out, code, message);
+        self.end_failed_batch(has_sync)
     }
 
     /// After an error raised by the proxy for a batch: skip to Sync, which gets its

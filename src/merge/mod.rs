@@ -497,7 +497,9 @@ impl Merger {
             return self.accumulate(shard, &row);
         }
         if !self.spec.order.is_empty() {
-            if let Some(prev) = &self.last[shard]
+            // The shard's previous row: still queued, or the last one emitted from it.
+            let prev = self.queues[shard].back().or(self.last[shard].as_ref());
+            if let Some(prev) = prev
                 && self.compare(prev, &row)? == Ordering::Greater
             {
                 // The shard sorted differently than we compare: merging would misorder.
@@ -505,7 +507,6 @@ impl Merger {
                     "ORDER BY over several shards: a shard's order disagrees with Tessera's comparison of these values (collation or type)".into(),
                 ));
             }
-            self.last[shard] = Some(row.clone());
         }
         self.queues[shard].push_back(row);
         Ok(())
@@ -624,6 +625,10 @@ impl Merger {
                 .pop_front()
                 .expect("invariant: picked non-empty");
             self.offer(&row, out)?;
+            if !self.spec.order.is_empty() && self.queues[s].is_empty() {
+                // Kept only when nothing of that shard is queued: the order check needs it.
+                self.last[s] = Some(row);
+            }
         }
     }
 
@@ -673,11 +678,9 @@ impl Merger {
     }
 
     fn accumulate(&mut self, shard: usize, row: &Row) -> Result<(), Error> {
-        let agg = self
-            .spec
-            .aggregate
-            .as_ref()
-            .expect("invariant: aggregating");
+        // The spec is shared: holding it apart from `self` avoids copying it per row.
+        let spec = self.spec.clone();
+        let agg = spec.aggregate.as_ref().expect("invariant: aggregating");
         let regrouped = agg.outputs.contains(&Output::CountDistinct);
         let key: Vec<Option<Vec<u8>>> = agg
             .keys
@@ -707,8 +710,7 @@ impl Merger {
             ));
         }
         self.group_list[g].from |= bit;
-        let outputs = agg.outputs.clone();
-        for (i, out) in outputs.iter().enumerate() {
+        for (i, out) in agg.outputs.iter().enumerate() {
             let col = self.cols[i];
             let v = row.get(i);
             let acc = &mut self.group_list[g].accs[i];
@@ -1021,6 +1023,19 @@ mod tests {
             let mut streams = Vec::new();
             let desc = case % 2 == 1;
             let nulls_first = case % 3 == 0;
+            // The order the shards sort by, and the one the merged result must follow.
+            let order = |a: &(Option<i64>, i64), b: &(Option<i64>, i64)| {
+                let o = match (a.0, b.0) {
+                    (None, None) => Ordering::Equal,
+                    (None, Some(_)) if nulls_first => Ordering::Less,
+                    (None, Some(_)) => Ordering::Greater,
+                    (Some(_), None) if nulls_first => Ordering::Greater,
+                    (Some(_), None) => Ordering::Less,
+                    (Some(x), Some(y)) if desc => y.cmp(&x),
+                    (Some(x), Some(y)) => x.cmp(&y),
+                };
+                o.then(a.1.cmp(&b.1))
+            };
             for s in 0..shards {
                 let n = rng.next() % 30;
                 let mut rows: Vec<(Option<i64>, i64)> = (0..n)
@@ -1033,33 +1048,6 @@ mod tests {
                         (v, (s as i64) * 1000 + k as i64)
                     })
                     .collect();
-                let order = |a: &(Option<i64>, i64), b: &(Option<i64>, i64)| {
-                    let o = match (a.0, b.0) {
-                        (None, None) => Ordering::Equal,
-                        (None, Some(_)) => {
-                            if nulls_first {
-                                Ordering::Less
-                            } else {
-                                Ordering::Greater
-                            }
-                        }
-                        (Some(_), None) => {
-                            if nulls_first {
-                                Ordering::Greater
-                            } else {
-                                Ordering::Less
-                            }
-                        }
-                        (Some(x), Some(y)) => {
-                            if desc {
-                                y.cmp(&x)
-                            } else {
-                                x.cmp(&y)
-                            }
-                        }
-                    };
-                    o.then(a.1.cmp(&b.1))
-                };
                 rows.sort_by(order);
                 all.extend(rows.iter().copied());
                 streams.push(rows);
@@ -1095,33 +1083,7 @@ mod tests {
                 })
                 .collect();
             let out = run(merger, &description(&[20, 20]), input);
-            all.sort_by(|a, b| {
-                let o = match (a.0, b.0) {
-                    (None, None) => Ordering::Equal,
-                    (None, Some(_)) => {
-                        if nulls_first {
-                            Ordering::Less
-                        } else {
-                            Ordering::Greater
-                        }
-                    }
-                    (Some(_), None) => {
-                        if nulls_first {
-                            Ordering::Greater
-                        } else {
-                            Ordering::Less
-                        }
-                    }
-                    (Some(x), Some(y)) => {
-                        if desc {
-                            y.cmp(&x)
-                        } else {
-                            x.cmp(&y)
-                        }
-                    }
-                };
-                o.then(a.1.cmp(&b.1))
-            });
+            all.sort_by(order);
             let want: Vec<Vec<Option<String>>> = all
                 .iter()
                 .skip(offset as usize)

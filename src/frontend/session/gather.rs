@@ -300,13 +300,7 @@ impl Session {
             _ => false,
         });
         if partial {
-            self.settle().await?;
-            crate::frontend::error(
-                &mut self.out,
-                "0A000",
-                "not supported across shards: a named portal or a row-limited Execute on several shards",
-            );
-            return self.end_failed_batch(batch.iter().any(|f| f.tag() == tag::SYNC));
+            return self.fail_batch("0A000", "not supported across shards: a named portal or a row-limited Execute on several shards", batch.iter().any(|f| f.tag() == tag::SYNC)).await;
         }
         if let Some(spec) = plan.copy.clone()
             && !spec.to
@@ -314,18 +308,16 @@ impl Session {
             return self.extended_copy_in(batch, plan, spec).await;
         }
         if batch.last().map(Frame::tag) != Some(tag::SYNC) {
-            self.settle().await?;
-            crate::frontend::error(
-                &mut self.out,
-                "0A000",
-                "not supported across shards: a statement without Sync",
-            );
-            return self.end_failed_batch(false);
+            return self
+                .fail_batch(
+                    "0A000",
+                    "not supported across shards: a statement without Sync",
+                    false,
+                )
+                .await;
         }
         if let Some((code, message)) = self.check_scatter_batch(&batch) {
-            self.settle().await?;
-            crate::frontend::error(&mut self.out, code, &message);
-            return self.end_failed_batch(true);
+            return self.fail_batch(code, &message, true).await;
         }
         let shards = self.fanout_shards(&plan.fanout);
         if let Err(e) = self.note_write(&plan, &shards) {
