@@ -5,6 +5,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use tessera::cli::{Cli, Command};
 
+// The relay allocates a few small buffers per transaction and frees them soon after, from one
+// thread: mimalloc's thread-local free lists serve that pattern faster than glibc's malloc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()

@@ -145,37 +145,65 @@ impl Shared {
 
 // === CancelRegistry ===
 
-/// Maps the BackendKeyData Tessera gave each client to the server connection it is using now.
+/// Maps the BackendKeyData Tessera gave each client to the server connections it is using now.
 #[derive(Default)]
 pub struct CancelRegistry {
-    clients: Mutex<HashMap<i32, (i32, Vec<CancelKey>)>>,
+    clients: Mutex<HashMap<i32, (i32, CancelTargets)>>,
+}
+
+/// The server connections one client holds now, shared between its session (which updates it
+/// at every checkout and release, without the registry's lock) and the registry (which reads it
+/// when a CancelRequest names the client).
+#[derive(Clone, Default)]
+pub struct CancelTargets(Arc<Mutex<Vec<CancelKey>>>);
+
+impl CancelTargets {
+    /// Points the client's key at the server connections it holds now (a statement on several
+    /// shards runs on several): a cancel goes to each, and never to a connection it gave back.
+    pub fn set(&self, targets: impl IntoIterator<Item = CancelKey>) {
+        let mut list = self.0.lock();
+        list.clear();
+        list.extend(targets);
+    }
+}
+
+/// One client's registration; dropping it unregisters the client.
+pub struct CancelEntry {
+    shared: Arc<Shared>,
+    pub pid: i32,
+    pub secret: i32,
+    pub targets: CancelTargets,
+}
+
+impl Drop for CancelEntry {
+    fn drop(&mut self) {
+        self.shared.cancels.unregister(self.pid);
+    }
 }
 
 impl CancelRegistry {
-    /// Registers a new client; returns its (pid, secret).
-    pub fn register(&self) -> (i32, i32) {
+    /// Registers a new client under a fresh (pid, secret); it stays registered until the
+    /// returned entry is dropped, however its connection ends.
+    pub fn register(shared: &Arc<Shared>) -> CancelEntry {
         let mut rng = rand::rng();
-        let mut clients = self.clients.lock();
+        let mut clients = shared.cancels.clients.lock();
         loop {
             let pid = rng.random_range(1..i32::MAX);
             if let std::collections::hash_map::Entry::Vacant(e) = clients.entry(pid) {
                 let secret = rng.random::<i32>();
-                e.insert((secret, Vec::new()));
-                return (pid, secret);
+                let targets = CancelTargets::default();
+                e.insert((secret, targets.clone()));
+                return CancelEntry {
+                    shared: shared.clone(),
+                    pid,
+                    secret,
+                    targets,
+                };
             }
         }
     }
 
-    /// Points a client's key at the server connections it holds now (a statement on several
-    /// shards runs on several): a cancel goes to each, and never to a connection it gave back.
-    pub fn set_targets(&self, pid: i32, targets: impl IntoIterator<Item = CancelKey>) {
-        if let Some(entry) = self.clients.lock().get_mut(&pid) {
-            entry.1.clear();
-            entry.1.extend(targets);
-        }
-    }
-
-    pub fn unregister(&self, pid: i32) {
+    fn unregister(&self, pid: i32) {
         self.clients.lock().remove(&pid);
     }
 
@@ -183,7 +211,7 @@ impl CancelRegistry {
     pub fn lookup(&self, pid: i32, secret: i32) -> Vec<CancelKey> {
         let clients = self.clients.lock();
         match clients.get(&pid) {
-            Some((s, targets)) if *s == secret => targets.clone(),
+            Some((s, targets)) if *s == secret => targets.0.lock().clone(),
             _ => Vec::new(),
         }
     }
@@ -483,5 +511,65 @@ async fn accept_loop(
             }
             .instrument(span),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAP: &str = r#"
+listen: "127.0.0.1:6432"
+database: app
+users:
+  - name: app
+    password: app
+backend:
+  user: app
+  password: app
+  database: app
+sharding:
+  strategy: hash
+  tables: {}
+shards:
+  - name: s0
+    primary: "127.0.0.1:5432"
+    replicas: []
+"#;
+
+    fn shared() -> Arc<Shared> {
+        let config = Config::from_yaml(MAP, std::path::Path::new("test.yaml")).expect("map");
+        Arc::new(Shared::new(Arc::new(config)).expect("shared"))
+    }
+
+    #[tokio::test]
+    async fn cancel_targets_follow_the_session_and_leave_with_it() {
+        let shared = shared();
+        let entry = CancelRegistry::register(&shared);
+        let (pid, secret) = (entry.pid, entry.secret);
+        assert!(
+            shared.cancels.lookup(pid, secret).is_empty(),
+            "nothing held yet"
+        );
+        let key = CancelKey {
+            addr: Arc::from("127.0.0.1:5432"),
+            pid: 42,
+            secret: 7,
+        };
+        entry.targets.set([key.clone()]);
+        assert_eq!(shared.cancels.lookup(pid, secret), vec![key]);
+        assert!(
+            shared
+                .cancels
+                .lookup(pid, secret.wrapping_add(1))
+                .is_empty(),
+            "a wrong secret cancels nothing"
+        );
+        entry.targets.set([]);
+        assert!(shared.cancels.lookup(pid, secret).is_empty(), "given back");
+        // However the session ends (even a handshake cut short after BackendKeyData was
+        // built), dropping its entry leaves the registry as it was.
+        drop(entry);
+        assert!(shared.cancels.clients.lock().is_empty());
     }
 }

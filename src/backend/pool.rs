@@ -107,6 +107,9 @@ impl Pool {
             // being retried until the checkout timeout: a dead server fails fast.
             .retry_connection(false)
             .test_on_check_out(true)
+            // The most recently returned connection goes out first (as PgBouncer does): the few
+            // server processes a light load needs stay hot in cache, and the rest can idle out.
+            .queue_strategy(bb8::QueueStrategy::Lifo)
             .build_unchecked(manager);
         Pool {
             inner,
@@ -127,6 +130,7 @@ impl Pool {
         let mut failures = self.health.failures.subscribe();
         // bb8 discards connections that fail `is_valid` and tries the next one by itself.
         let got = tokio::select! {
+            biased;
             got = self.inner.get_owned() => got,
             Ok(()) = failures.changed() => {
                 let e = self.health.last_error.lock().clone();

@@ -68,10 +68,8 @@ pub async fn serve_client(stream: TcpStream, shared: Arc<Shared>, shutdown: Canc
         }
     };
     info!(user = %login.user, "client logged in");
-    let pid = login.pid;
     let session = session::Session::new(shared.clone(), reader, writer, login);
     session.run(shutdown).await;
-    shared.cancels.unregister(pid);
 }
 
 /// Tells a client it cannot be served, then closes.
@@ -85,8 +83,8 @@ pub async fn refuse(mut stream: TcpStream, code: &str, message: &str) {
 pub struct Login {
     pub user: String,
     pub settings: Settings,
-    pub pid: i32,
-    pub secret: i32,
+    /// The client's BackendKeyData and where a cancel for it goes; unregistered on drop.
+    pub cancel: crate::server::CancelEntry,
 }
 
 async fn fatal(
@@ -105,7 +103,7 @@ async fn fatal(
 async fn handshake(
     reader: &mut FrameReader<OwnedReadHalf>,
     writer: &mut OwnedWriteHalf,
-    shared: &Shared,
+    shared: &Arc<Shared>,
 ) -> Result<Option<Login>, Error> {
     let params = loop {
         let body = match reader.next_startup().await {
@@ -199,7 +197,7 @@ async fn handshake(
             Err(e) => return fatal(writer, e.sqlstate(), &e.to_string()).await,
         },
     };
-    let (pid, key_secret) = shared.cancels.register();
+    let cancel = crate::server::CancelRegistry::register(shared);
     let mut out = BytesMut::new();
     build::auth_ok(&mut out);
     for (name, value) in &server_params {
@@ -209,14 +207,13 @@ async fn handshake(
             .map(|(_, v)| v.as_str());
         build::parameter_status(&mut out, name, asked.unwrap_or(value));
     }
-    build::backend_key_data(&mut out, pid, key_secret);
+    build::backend_key_data(&mut out, cancel.pid, cancel.secret);
     build::ready_for_query(&mut out, TxStatus::Idle);
     writer.write_all(&out).await?;
     Ok(Some(Login {
         user,
         settings,
-        pid,
-        secret: key_secret,
+        cancel,
     }))
 }
 

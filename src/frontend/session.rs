@@ -126,8 +126,8 @@ struct Held {
     copy_in: bool,
     /// An error was seen in the simple Query at the head.
     query_failed: bool,
-    /// Tag of the last CommandComplete (to tell COMMIT from ROLLBACK).
-    last_tag: String,
+    /// Tag of the last CommandComplete (to tell COMMIT from ROLLBACK), a view into its message.
+    last_tag: Bytes,
     /// A write ran here since the last ReadyForQuery idle (read your writes).
     wrote: bool,
     /// The session's transaction has been opened on this connection.
@@ -187,7 +187,8 @@ struct Merge {
 /// The client's unnamed prepared statement.
 struct Unnamed {
     parse: Bytes,
-    analysis: Arc<Analysis>,
+    /// None when the router passes everything through (nothing to plan).
+    analysis: Option<Arc<Analysis>>,
     types: Vec<u32>,
     changes: Vec<Change>,
 }
@@ -208,7 +209,10 @@ pub struct Session {
     tx: Option<Tx>,
     status: TxStatus,
     mode: PoolMode,
-    pid: i32,
+    /// This client's cancel key and the connections a cancel for it reaches.
+    cancel: crate::server::CancelEntry,
+    /// Empty reply queues of connections given back, reused by the next checkouts.
+    spare_expect: Vec<VecDeque<Expect>>,
     skip_until_sync: bool,
     merge: Option<Merge>,
     /// Read your writes: the WAL position of this session's last write per shard.
@@ -379,7 +383,8 @@ impl Session {
             tx: None,
             status: TxStatus::Idle,
             mode,
-            pid: login.pid,
+            cancel: login.cancel,
+            spare_expect: Vec::new(),
             skip_until_sync: false,
             merge: None,
             ryw: HashMap::new(),
@@ -405,6 +410,10 @@ impl Session {
     }
 
     async fn relay(&mut self, shutdown: CancellationToken) -> End {
+        // One wait for shutdown across the whole session: a fresh one per message would join
+        // and leave the token's waiter list every time.
+        let shutdown = shutdown.cancelled();
+        tokio::pin!(shutdown);
         loop {
             let active = self.pending();
             // Batch writes to the client: flush only when no further server reply is buffered.
@@ -419,9 +428,10 @@ impl Session {
                 Some(i) if active.is_none() => {
                     let held = &mut self.conns[i];
                     tokio::select! {
+                        biased;
                         r = self.client.next() => Event::Client(r),
                         r = held.conn.reader.next() => Event::Server(r),
-                        _ = shutdown.cancelled() => {
+                        () = &mut shutdown => {
                             super::fatal_error(&mut self.out, "57P01", "terminating connection due to administrator command");
                             return End::Fatal;
                         }
@@ -436,8 +446,9 @@ impl Session {
                     }
                 }
                 None => tokio::select! {
+                    biased;
                     r = self.client.next() => Event::Client(r),
-                    _ = shutdown.cancelled() => {
+                    () = &mut shutdown => {
                         super::fatal_error(&mut self.out, "57P01", "terminating connection due to administrator command");
                         return End::Fatal;
                     }
@@ -1309,14 +1320,13 @@ impl Session {
                 return Err(e);
             }
         };
-        self.shared.cancels.set_targets(
-            self.pid,
+        self.cancel.targets.set(
             self.conns
                 .iter()
                 .map(|h| h.conn.key.clone())
                 .chain(std::iter::once(conn.key.clone())),
         );
-        let mut expect = VecDeque::new();
+        let mut expect = self.spare_expect.pop().unwrap_or_default();
         let mut wire = BytesMut::new();
         let fingerprint = self.settings.fingerprint();
         if conn.settings != fingerprint {
@@ -1357,7 +1367,7 @@ impl Session {
             unnamed_ready: false,
             copy_in: false,
             query_failed: false,
-            last_tag: String::new(),
+            last_tag: Bytes::new(),
             wrote: false,
             begun: self.tx.is_some(),
             injected_error: None,
@@ -1706,8 +1716,13 @@ impl Session {
                 )
             } else if bind.statement.is_empty() {
                 match &self.unnamed {
-                    Some(u) => (u.analysis.clone(), u.types.clone(), u.parse.clone()),
-                    None => {
+                    Some(Unnamed {
+                        analysis: Some(analysis),
+                        types,
+                        parse,
+                        ..
+                    }) => (analysis.clone(), types.clone(), parse.clone()),
+                    _ => {
                         return self
                             .shared
                             .router
@@ -1760,7 +1775,8 @@ impl Session {
                     let sql = String::from_utf8_lossy(parse.query);
                     self.unnamed = Some(Unnamed {
                         parse: frame.bytes().clone(),
-                        analysis: self.shared.router.analyze(&sql),
+                        analysis: (!self.shared.router.passthrough())
+                            .then(|| self.shared.router.analyze(&sql)),
                         types: crate::server::parse_param_types(parse.param_types),
                         changes: super::settings::effects(&sql).changes,
                     });
@@ -1990,8 +2006,7 @@ impl Session {
             tag::ERROR_RESPONSE => return self.on_server_error(i, frame, forward),
             tag::COMMAND_COMPLETE => {
                 held.last_tag = decode::command_complete(frame.body())
-                    .unwrap_or_default()
-                    .to_string();
+                    .map_or_else(|_| Bytes::new(), |t| frame.bytes().slice_ref(t.as_bytes()));
             }
             tag::COPY_IN_RESPONSE => {
                 held.copy_in = true;
@@ -2285,19 +2300,25 @@ impl Session {
             return;
         }
         let before = self.conns.len();
-        self.conns
-            .retain(|h| !(h.expect.is_empty() && !h.copy_in && h.conn.status == TxStatus::Idle));
+        for mut held in self.conns.extract_if(.., |h| {
+            h.expect.is_empty() && !h.copy_in && h.conn.status == TxStatus::Idle
+        }) {
+            // The queue's allocation serves the next checkout (one per transaction otherwise).
+            if self.spare_expect.len() < 4 {
+                self.spare_expect.push(std::mem::take(&mut held.expect));
+            }
+        }
         if self.conns.len() != before {
-            self.shared
-                .cancels
-                .set_targets(self.pid, self.conns.iter().map(|h| h.conn.key.clone()));
+            self.cancel
+                .targets
+                .set(self.conns.iter().map(|h| h.conn.key.clone()));
         }
     }
 
     /// At the end of a session: a connection still mid-request cannot be reused; a session-mode
     /// connection is reset so the next client starts clean.
     async fn release_on_exit(&mut self) {
-        self.shared.cancels.set_targets(self.pid, []);
+        self.cancel.targets.set([]);
         for mut held in std::mem::take(&mut self.conns) {
             let idle =
                 held.expect.is_empty() && !held.copy_in && held.conn.status == TxStatus::Idle;

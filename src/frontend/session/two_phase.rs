@@ -141,7 +141,7 @@ impl Session {
             } else {
                 "COMMIT"
             };
-            if result.is_none() && self.conns[self.index(*key)].last_tag != want {
+            if result.is_none() && self.conns[self.index(*key)].last_tag != want.as_bytes() {
                 let mut msg = BytesMut::new();
                 crate::frontend::error(
                     &mut msg,
@@ -231,7 +231,7 @@ impl Session {
     pub(super) fn end_two_phase(&mut self, outcome: &str) {
         self.tx = None;
         for i in 0..self.conns.len() {
-            self.conns[i].last_tag = outcome.into();
+            self.conns[i].last_tag = Bytes::from(outcome.to_owned());
             self.ready(i);
         }
     }
@@ -282,7 +282,7 @@ impl Session {
         if parse.name.is_empty() {
             self.unnamed = Some(Unnamed {
                 parse: frame.bytes().clone(),
-                analysis: self.shared.router.analyze(&sql),
+                analysis: Some(self.shared.router.analyze(&sql)),
                 types: crate::server::parse_param_types(parse.param_types),
                 changes: crate::frontend::settings::effects(&sql).changes,
             });
