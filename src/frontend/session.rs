@@ -213,6 +213,8 @@ pub struct Session {
     cancel: crate::server::CancelEntry,
     /// Empty reply queues of connections given back, reused by the next checkouts.
     spare_expect: Vec<VecDeque<Expect>>,
+    /// The previous batch's emptied vector, which collects the batch after next.
+    spare_batch: Vec<Frame>,
     skip_until_sync: bool,
     merge: Option<Merge>,
     /// Read your writes: the WAL position of this session's last write per shard.
@@ -220,7 +222,7 @@ pub struct Session {
     /// Server errors relayed so far (to notice one while draining mid-batch).
     errors: u64,
     /// Where each portal was bound, so its Executes and Describes follow it.
-    portals: HashMap<Bytes, ConnKey>,
+    portals: Portals,
     /// Statements (by client name) that only call `tessera_next_id()`, answered by the proxy,
     /// with the column name they return.
     local_statements: HashMap<Bytes, String>,
@@ -385,11 +387,12 @@ impl Session {
             mode,
             cancel: login.cancel,
             spare_expect: Vec::new(),
+            spare_batch: Vec::new(),
             skip_until_sync: false,
             merge: None,
             ryw: HashMap::new(),
             errors: 0,
-            portals: HashMap::new(),
+            portals: Portals::default(),
             local_statements: HashMap::new(),
             local_portals: HashMap::new(),
             copy_in: None,
@@ -637,7 +640,7 @@ impl Session {
         // A reference-counted view of the text, so `frame` can move on without a copy.
         let body = frame.bytes().slice(5..);
         let sql = match decode::query(&body) {
-            Ok(sql) => String::from_utf8_lossy(sql),
+            Ok(sql) => decode::text(sql),
             Err(e) => return Err(self.client_error(e)),
         };
         if let Some(column) = next_id_call(&sql) {
@@ -1389,7 +1392,8 @@ impl Session {
     /// Sends a buffered extended-protocol batch (ending in Sync or Flush), routing each
     /// Bind by its statement and values.
     async fn run_batch(&mut self) -> Result<(), End> {
-        let batch = std::mem::take(&mut self.batch);
+        // The next batch collects into the spare vector, so neither allocates in steady state.
+        let mut batch = std::mem::replace(&mut self.batch, std::mem::take(&mut self.spare_batch));
         let has_sync = batch.iter().any(|f| f.tag() == tag::SYNC);
         let local = self.answers_locally(&batch);
         if local == Local::Mixed {
@@ -1563,8 +1567,10 @@ impl Session {
         let default_key = self.default_key(plans.first().copied());
         // The connection this batch's messages go to (none chosen yet).
         let mut current: Option<usize> = None;
-        let mut wire = BytesMut::new();
-        for (n, frame) in batch.into_iter().enumerate() {
+        // Sized for the batch as sent; ensure_prepared/ensure_unnamed may add a Parse.
+        let mut wire =
+            BytesMut::with_capacity(batch.iter().map(|f| f.bytes().len()).sum::<usize>() + 256);
+        for (n, frame) in batch.drain(..).enumerate() {
             if self.skip_until_sync && frame.tag() != tag::SYNC {
                 continue;
             }
@@ -1580,10 +1586,7 @@ impl Session {
                     };
                     self.choose(shard.0, plan)
                 }
-                None if portal_of(&frame).is_some_and(|p| self.portals.contains_key(p)) => {
-                    let portal = portal_of(&frame).expect("invariant: checked by the guard");
-                    self.portals[portal]
-                }
+                None if let Some(key) = portal_of(&frame).and_then(|p| self.portals.get(p)) => key,
                 None => match current {
                     Some(i)
                         if frame.tag() != tag::PARSE
@@ -1632,6 +1635,7 @@ impl Session {
                 return Err(self.client_error(e));
             }
         }
+        self.spare_batch = batch;
         if let Some(i) = current {
             pop_synthetic(&mut self.conns[i], &mut self.out, self.merge.as_ref());
             if !wire.is_empty()
@@ -1770,9 +1774,11 @@ impl Session {
         match frame.tag() {
             tag::PARSE => {
                 let parse = decode::parse(frame.body())?;
-                self.local_statements.remove(parse.name);
+                if !self.local_statements.is_empty() {
+                    self.local_statements.remove(parse.name);
+                }
                 if parse.name.is_empty() {
-                    let sql = String::from_utf8_lossy(parse.query);
+                    let sql = decode::text(parse.query);
                     self.unnamed = Some(Unnamed {
                         parse: frame.bytes().clone(),
                         analysis: (!self.shared.router.passthrough())
@@ -1816,7 +1822,9 @@ impl Session {
             }
             tag::BIND => {
                 let bind = decode::bind(frame.body())?;
-                self.local_portals.remove(bind.portal);
+                if !self.local_portals.is_empty() {
+                    self.local_portals.remove(bind.portal);
+                }
                 let portal_unnamed = bind.portal.is_empty();
                 if bind.statement.is_empty() {
                     self.ensure_unnamed(i, wire);
@@ -1842,8 +1850,7 @@ impl Session {
                         self.portal_changes = stmt.effects.changes.clone();
                     }
                 }
-                self.portals
-                    .insert(Bytes::copy_from_slice(bind.portal), self.conns[i].key);
+                self.portals.insert(bind.portal, self.conns[i].key);
                 self.conns[i].expect.push_back(reply(Kind::Bind));
             }
             tag::DESCRIBE => {
@@ -2329,6 +2336,32 @@ impl Session {
             if self.mode == PoolMode::Session && reset_session(&mut held.conn).await.is_err() {
                 held.conn.broken = true;
             }
+        }
+    }
+}
+
+/// Which connection each of the client's portals was bound on. The unnamed portal, bound again
+/// by almost every extended-protocol statement, skips the map.
+#[derive(Default)]
+struct Portals {
+    unnamed: Option<ConnKey>,
+    named: HashMap<Bytes, ConnKey>,
+}
+
+impl Portals {
+    fn get(&self, name: &[u8]) -> Option<ConnKey> {
+        if name.is_empty() {
+            self.unnamed
+        } else {
+            self.named.get(name).copied()
+        }
+    }
+
+    fn insert(&mut self, name: &[u8], key: ConnKey) {
+        if name.is_empty() {
+            self.unnamed = Some(key);
+        } else {
+            self.named.insert(Bytes::copy_from_slice(name), key);
         }
     }
 }

@@ -2,6 +2,15 @@
 
 use super::{Error, TxStatus};
 
+/// SQL text as sent: borrowed when it is valid UTF-8, the common case, which `from_utf8` checks
+/// faster than `from_utf8_lossy` does; otherwise invalid bytes become U+FFFD, as with the latter.
+pub fn text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
+}
+
 /// Splits a NUL-terminated string off the front of `buf`.
 pub fn cstr<'a>(buf: &'a [u8], what: &'static str) -> Result<(&'a [u8], &'a [u8]), Error> {
     let end = buf

@@ -596,8 +596,7 @@ impl Session {
     /// After a Bind the proxy rewrote: the portal's place, the reply to expect, and a Describe
     /// of the portal if the client sent none (the merger needs the columns).
     fn bind_sent(&mut self, i: usize, portal: &[u8], described: bool, wire: &mut BytesMut) {
-        self.portals
-            .insert(Bytes::copy_from_slice(portal), self.conns[i].key);
+        self.portals.insert(portal, self.conns[i].key);
         self.conns[i].expect.push_back(Expect::Reply {
             kind: Kind::Bind,
             forward: true,

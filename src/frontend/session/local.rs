@@ -30,8 +30,10 @@ pub(super) fn next_id_call(sql: &str) -> Option<String> {
 }
 
 pub(super) fn mentions_next_id(text: &[u8]) -> bool {
-    text.windows(15)
-        .any(|w| w.eq_ignore_ascii_case(b"tessera_next_id"))
+    const NAME: &[u8] = b"tessera_next_id";
+    // Every query is scanned: a one-byte test rejects almost every position.
+    text.windows(NAME.len())
+        .any(|w| w[0] | 0x20 == b't' && w.eq_ignore_ascii_case(NAME))
 }
 
 /// The RowDescription of `SELECT tessera_next_id()`: one bigint column.
