@@ -4,7 +4,7 @@
 //! - [`config`]: `shard-map.yaml` types, defaults and validation (the only place that reads YAML).
 //! - [`protocol`]: wire framing and the few messages the proxy decodes or synthesizes (no sockets).
 //! - [`frontend`]: one client session: startup, authentication, the relay state machine.
-//! - [`backend`]: one server connection (startup, auth) and the bb8 pools of them.
+//! - [`backend`]: one server connection (startup, auth) and the pools of them.
 //! - [`router`]: turns a statement into a [`router::Plan`] (which shard, which role, how to merge).
 //! - [`merge`]: merging the results of one statement run on several shards.
 //! - [`server`]: the accept loop, cancel-key registry and shutdown.

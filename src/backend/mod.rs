@@ -1,4 +1,4 @@
-//! The server side: one Postgres connection ([`conn`]) and the bb8 pools of them ([`pool`]).
+//! The server side: one Postgres connection ([`conn`]) and the pools of them ([`pool`]).
 
 pub mod conn;
 pub mod health;
