@@ -1,11 +1,12 @@
 //! Pools of [`ServerConn`]s, one per server: a LIFO stack of idle connections, checked out
-//! without an await when one is free.
+//! without an await when one is free, and a FIFO of checkouts waiting for one.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::sync::Notify;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{Credentials, Error, ServerConn};
@@ -29,8 +30,6 @@ struct Inner {
     checkout_timeout: Duration,
     idle_timeout: Option<Duration>,
     state: Mutex<State>,
-    /// Signalled when a connection comes back or a connection's slot frees up.
-    freed: Notify,
     /// ParameterStatus values of the first connection, relayed to clients at their startup.
     params: Mutex<Option<Vec<(String, String)>>>,
 }
@@ -39,16 +38,40 @@ struct State {
     /// Idle connections, the most recently returned last: checkouts take from the end, so
     /// the few server processes a light load needs stay hot in cache and the rest idle out.
     idle: Vec<Idle>,
-    /// Connections that exist or are being opened: idle, checked out, connecting.
+    /// Connections that exist or are being opened: idle, checked out, connecting, and slots
+    /// handed to a waiting checkout.
     open: u32,
-    /// Checkouts waiting for a connection; while there are any, a new checkout queues behind
-    /// them instead of taking the next connection returned.
-    waiting: u32,
+    /// Checkouts waiting, oldest first. A connection given back, or room freed by one that
+    /// closed, goes straight to the oldest: waiting clients are served in turn, and a new
+    /// checkout queues behind them rather than taking what they wait for.
+    waiters: VecDeque<oneshot::Sender<Grant>>,
 }
 
 struct Idle {
     conn: ServerConn,
     since: Instant,
+}
+
+/// What a waiting checkout is handed.
+enum Grant {
+    /// A connection given back.
+    Conn(ServerConn),
+    /// Room for a new connection (already counted in `open`), for it to open.
+    Slot,
+}
+
+/// What a checkout does when no idle connection is free for it.
+enum Next {
+    /// Open one in the room it reserved.
+    Open,
+    /// Wait in line for one.
+    Wait(oneshot::Receiver<Grant>),
+}
+
+fn enqueue(state: &mut State) -> oneshot::Receiver<Grant> {
+    let (tx, rx) = oneshot::channel();
+    state.waiters.push_back(tx);
+    rx
 }
 
 /// A checked-out server connection; dropping it returns it to the pool, or closes it if the
@@ -74,9 +97,8 @@ impl Pool {
             state: Mutex::new(State {
                 idle: Vec::new(),
                 open: 0,
-                waiting: 0,
+                waiters: VecDeque::new(),
             }),
-            freed: Notify::new(),
             params: Mutex::new(None),
         });
         if (inner.min_idle > 0 || inner.idle_timeout.is_some())
@@ -87,42 +109,71 @@ impl Pool {
         Pool { inner }
     }
 
-    /// Checks out a connection: an idle one if there is one (no await), else a new one if the
-    /// pool has room, else the next one returned.
+    /// Checks out a connection: an idle one if there is one and nobody waits (no await), else
+    /// a new one if the pool has room, else the next one given back, in turn.
     ///
     /// # Errors
-    /// The server is unreachable (`08001`/`08006`) or no connection freed up in time (`53300`).
+    /// The server is unreachable (`08001`/`08006`) or no connection freed up within
+    /// `checkout_timeout_ms` (`53300`).
     pub async fn get(&self) -> Result<PooledConn, Error> {
-        if let Some(conn) = self.inner.take_idle(false) {
-            return Ok(conn);
+        let inner = &self.inner;
+        let next = {
+            let mut state = inner.state.lock();
+            if !state.waiters.is_empty() {
+                Next::Wait(enqueue(&mut state))
+            } else if let Some(conn) = inner.take_idle(&mut state) {
+                return Ok(conn);
+            } else if state.open < inner.size {
+                state.open += 1;
+                Next::Open
+            } else {
+                Next::Wait(enqueue(&mut state))
+            }
+        };
+        // Boxed: the rare paths' state would otherwise make every caller's future larger.
+        match next {
+            Next::Open => {
+                let slot = Slot {
+                    pool: inner,
+                    kept: false,
+                };
+                let deadline = Instant::now() + inner.checkout_timeout;
+                Box::pin(inner.open(slot, deadline)).await
+            }
+            Next::Wait(rx) => Box::pin(self.wait(rx)).await,
         }
-        // Boxed: the rare path's state would otherwise make every caller's future larger.
-        Box::pin(self.get_slow()).await
     }
 
-    async fn get_slow(&self) -> Result<PooledConn, Error> {
+    async fn wait(&self, rx: oneshot::Receiver<Grant>) -> Result<PooledConn, Error> {
         let inner = &self.inner;
         let deadline = Instant::now() + inner.checkout_timeout;
-        let _waiting = Waiting::new(inner);
-        loop {
-            // Registered before looking, so a connection returned in between is not missed.
-            let freed = inner.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            if let Some(conn) = inner.take_idle(true) {
-                return Ok(conn);
-            }
-            if let Some(slot) = Slot::reserve(inner) {
-                return inner.open(slot).await;
-            }
-            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+        let mut waiting = Waiting { rx, pool: inner };
+        let grant = match tokio::time::timeout_at(deadline, &mut waiting.rx).await {
+            Ok(Ok(grant)) => grant,
+            Ok(Err(_)) | Err(_) => {
                 return Err(Error::PoolTimeout {
                     addr: inner.addr.clone(),
                     waited_ms: inner.checkout_timeout.as_millis() as u64,
                     size: inner.size,
                 });
             }
+        };
+        drop(waiting);
+        if let Grant::Conn(mut conn) = grant
+            && conn.is_reusable()
+        {
+            return Ok(PooledConn {
+                conn: Some(conn),
+                pool: inner.clone(),
+            });
         }
+        // A slot, or a connection the server ended in the meantime: its room is this
+        // checkout's to open a connection in.
+        let slot = Slot {
+            pool: inner,
+            kept: false,
+        };
+        inner.open(slot, deadline).await
     }
 
     /// ParameterStatus values reported by this server, once a connection has been made.
@@ -143,29 +194,30 @@ impl Pool {
 
 impl Inner {
     /// The most recently returned idle connection that is still usable. Dead ones (the server
-    /// ended them while idle) are closed on the way. A new checkout (`queued` false) leaves
-    /// connections to the checkouts already waiting.
-    fn take_idle(self: &Arc<Self>, queued: bool) -> Option<PooledConn> {
-        let mut state = self.state.lock();
-        if !queued && state.waiting > 0 {
-            return None;
-        }
+    /// ended them while idle) are closed on the way.
+    fn take_idle(self: &Arc<Self>, state: &mut State) -> Option<PooledConn> {
         while let Some(mut idle) = state.idle.pop() {
             if idle.conn.is_reusable() {
-                drop(state);
                 return Some(PooledConn {
                     conn: Some(idle.conn),
                     pool: self.clone(),
                 });
             }
-            state.open -= 1;
+            self.release(state);
         }
         None
     }
 
-    /// Opens a connection in a reserved slot.
-    async fn open(self: &Arc<Self>, slot: Slot<'_>) -> Result<PooledConn, Error> {
-        let conn = ServerConn::connect(&self.addr, &self.creds, self.connect_timeout).await?;
+    /// Opens a connection in a reserved slot, within the checkout's deadline.
+    async fn open(
+        self: &Arc<Self>,
+        slot: Slot<'_>,
+        deadline: Instant,
+    ) -> Result<PooledConn, Error> {
+        let timeout = self
+            .connect_timeout
+            .min(deadline.saturating_duration_since(Instant::now()));
+        let conn = ServerConn::connect(&self.addr, &self.creds, timeout).await?;
         slot.keep();
         let mut params = self.params.lock();
         if params.is_none() {
@@ -177,24 +229,40 @@ impl Inner {
         })
     }
 
+    /// A connection comes back: to the oldest waiting checkout, else onto the idle stack; or,
+    /// if it cannot be reused, it closes and its room goes to the oldest waiting checkout.
     fn put_back(&self, conn: ServerConn) {
         let reusable = !conn.broken
             && conn.status == crate::protocol::TxStatus::Idle
             && conn.reader.buffered() == 0;
         let mut state = self.state.lock();
-        if reusable {
-            state.idle.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
-        } else {
-            state.open -= 1;
+        if !reusable {
+            self.release(&mut state);
+            return;
         }
-        let notify = state.waiting > 0;
-        drop(state);
-        if notify {
-            self.freed.notify_one();
+        let mut conn = conn;
+        while let Some(waiter) = state.waiters.pop_front() {
+            match waiter.send(Grant::Conn(conn)) {
+                Ok(()) => return,
+                // That checkout gave up (timed out, or its client went away).
+                Err(Grant::Conn(back)) => conn = back,
+                Err(Grant::Slot) => unreachable!("a Conn was sent"),
+            }
         }
+        state.idle.push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+    }
+
+    /// One connection fewer: its room goes to the oldest waiting checkout, if any.
+    fn release(&self, state: &mut State) {
+        while let Some(waiter) = state.waiters.pop_front() {
+            if waiter.send(Grant::Slot).is_ok() {
+                return; // the room stays counted, now as that checkout's
+            }
+        }
+        state.open -= 1;
     }
 
     /// Closes connections idle longer than `idle_timeout` (oldest first, keeping `min_idle`
@@ -213,7 +281,7 @@ impl Inner {
                     .is_some_and(|t| now.duration_since(idle.since) >= t);
                 if (expired && state.open > self.min_idle) || !idle.conn.is_reusable() {
                     closed.push(state.idle.remove(n));
-                    state.open -= 1;
+                    self.release(state);
                 } else {
                     n += 1;
                 }
@@ -221,12 +289,21 @@ impl Inner {
             closed
         };
         drop(closed);
-        while self.state.lock().open < self.min_idle {
-            let Some(slot) = Slot::reserve(self) else {
-                break;
+        loop {
+            let slot = {
+                let mut state = self.state.lock();
+                if state.open >= self.min_idle || !state.waiters.is_empty() {
+                    break;
+                }
+                state.open += 1;
+                Slot {
+                    pool: self,
+                    kept: false,
+                }
             };
-            match self.open(slot).await {
-                Ok(conn) => drop(conn), // into the idle stack
+            let deadline = Instant::now() + self.connect_timeout;
+            match self.open(slot, deadline).await {
+                Ok(conn) => drop(conn), // onto the idle stack
                 Err(e) => {
                     tracing::debug!(cause = %e, "could not open a min_idle connection");
                     break;
@@ -247,23 +324,15 @@ async fn maintain(pool: Weak<Inner>) {
     }
 }
 
-/// Room for one more connection, given back unless the connection it was for got made (so a
-/// connect that fails, or a checkout dropped mid-connect, does not shrink the pool for good).
+/// Room for one more connection, counted in `open` and given back (to a waiting checkout, or
+/// freed) unless the connection it was for got made: a connect that fails, or a checkout
+/// dropped mid-connect, does not shrink the pool for good.
 struct Slot<'a> {
     pool: &'a Inner,
     kept: bool,
 }
 
-impl<'a> Slot<'a> {
-    fn reserve(pool: &'a Inner) -> Option<Slot<'a>> {
-        let mut state = pool.state.lock();
-        if state.open >= pool.size {
-            return None;
-        }
-        state.open += 1;
-        Some(Slot { pool, kept: false })
-    }
-
+impl Slot<'_> {
     fn keep(mut self) {
         self.kept = true;
     }
@@ -272,33 +341,25 @@ impl<'a> Slot<'a> {
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         if !self.kept {
-            self.pool.state.lock().open -= 1;
-            // A waiting checkout may now open a connection itself.
-            self.pool.freed.notify_one();
+            self.pool.release(&mut self.pool.state.lock());
         }
     }
 }
 
-/// Counts a checkout as waiting for as long as it is in the slow path.
-struct Waiting<'a>(&'a Inner);
-
-impl<'a> Waiting<'a> {
-    fn new(pool: &'a Inner) -> Waiting<'a> {
-        pool.state.lock().waiting += 1;
-        Waiting(pool)
-    }
+/// A checkout's place in the queue. If it stops waiting (timed out, or dropped because its
+/// client went away) just as something was handed to it, that goes to the next in line.
+struct Waiting<'a> {
+    rx: oneshot::Receiver<Grant>,
+    pool: &'a Inner,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        let mut state = self.0.state.lock();
-        state.waiting -= 1;
-        let idle_left = !state.idle.is_empty() && state.waiting > 0;
-        drop(state);
-        if idle_left {
-            // This checkout was woken for a connection it did not take (it timed out, or its
-            // client went away): pass the wake-up on.
-            self.0.freed.notify_one();
+        self.rx.close();
+        match self.rx.try_recv() {
+            Ok(Grant::Conn(conn)) => self.pool.put_back(conn),
+            Ok(Grant::Slot) => self.pool.release(&mut self.pool.state.lock()),
+            Err(_) => {}
         }
     }
 }
@@ -369,6 +430,96 @@ mod tests {
             assert!(started.elapsed() < Duration::from_secs(1), "fails fast");
         }
         assert_eq!(pool.state(), (0, 0));
+    }
+
+    /// A stand-in server that accepts any startup (AuthenticationOk, BackendKeyData,
+    /// ReadyForQuery), answering the connections after the first `fast` ones `delay` late.
+    async fn startup_server(fast: usize, delay: Duration) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            let mut accepted = 0;
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let late = accepted >= fast;
+                accepted += 1;
+                tokio::spawn(async move {
+                    let Ok(len) = stream.read_i32().await else {
+                        return;
+                    };
+                    let mut startup = vec![0; usize::try_from(len).unwrap_or(4) - 4];
+                    if stream.read_exact(&mut startup).await.is_err() {
+                        return;
+                    }
+                    if late {
+                        tokio::time::sleep(delay).await;
+                    }
+                    let mut reply = vec![b'R', 0, 0, 0, 8, 0, 0, 0, 0];
+                    reply.extend_from_slice(&[b'K', 0, 0, 0, 12, 0, 0, 0, 1, 0, 0, 0, 2]);
+                    reply.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'I']);
+                    let _ = stream.write_all(&reply).await;
+                    let mut sink = [0; 1024];
+                    while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_waiting_checkout_gets_a_connection_given_back_while_another_connects() {
+        let addr = startup_server(1, Duration::from_secs(2)).await;
+        let pool = Pool::new(&addr, creds(), &cfg(2));
+        let first = pool.get().await.expect("first connection");
+        // Takes the last room and connects slowly.
+        let slow = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.get().await.map(drop) })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let waiter = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                pool.get().await.map(|_| started.elapsed())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(first);
+        let waited = waiter
+            .await
+            .expect("task")
+            .expect("the returned connection");
+        assert!(waited < Duration::from_millis(500), "waited {waited:?}");
+        slow.abort();
+    }
+
+    #[tokio::test]
+    async fn waiting_checkouts_come_before_new_ones() {
+        let addr = startup_server(usize::MAX, Duration::ZERO).await;
+        let pool = Pool::new(&addr, creds(), &cfg(1));
+        let held = pool.get().await.expect("the one connection");
+        let waiter = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let conn = pool.get().await.expect("served in turn");
+                let served = std::time::Instant::now();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                drop(conn);
+                served
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Give it back and ask again at once, before the waiter has run.
+        drop(held);
+        let again = pool.get().await.expect("after the waiter");
+        let regot = std::time::Instant::now();
+        let served = waiter.await.expect("task");
+        assert!(served < regot, "the waiting checkout was served first");
+        drop(again);
+        assert_eq!(pool.state(), (1, 1));
     }
 
     #[tokio::test]
