@@ -1412,6 +1412,9 @@ impl Session {
             build::ready_for_query(&mut self.out, status);
             return Ok(());
         }
+        if self.shared.router.passthrough() {
+            return self.passthrough_batch(batch, has_sync).await;
+        }
         // Route every Bind; a batch normally targets one place. A Parse earlier in the batch
         // defines the statement its Binds use, so planning sees the batch in order.
         let mut overlay: HashMap<Bytes, (Arc<Analysis>, Vec<u32>, Bytes)> = HashMap::new();
@@ -1631,6 +1634,46 @@ impl Session {
             if let Some(plan) = &targets[n] {
                 self.conns[i].wrote |= plan.writes;
             }
+            if let Err(e) = self.batch_message(i, frame, &mut wire) {
+                return Err(self.client_error(e));
+            }
+        }
+        self.spare_batch = batch;
+        if let Some(i) = current {
+            pop_synthetic(&mut self.conns[i], &mut self.out, self.merge.as_ref());
+            if !wire.is_empty()
+                && let Err(e) = self.conns[i].conn.send(&wire).await
+            {
+                return Err(self.server_lost(i, e));
+            }
+        }
+        Ok(())
+    }
+
+    /// One server and nothing to plan (see [`router::Router::passthrough`]): the batch goes to the one
+    /// primary as it came, with the client's statement names mapped to the proxy's.
+    async fn passthrough_batch(
+        &mut self,
+        mut batch: Vec<Frame>,
+        has_sync: bool,
+    ) -> Result<(), End> {
+        let mut wire = BytesMut::with_capacity(batch.iter().map(|f| f.bytes().len()).sum());
+        let mut current = None;
+        for frame in batch.drain(..) {
+            if self.skip_until_sync && frame.tag() != tag::SYNC {
+                continue;
+            }
+            let i = match current {
+                Some(i) => i,
+                None => match self.pin(ConnKey::primary(0)).await {
+                    Ok(i) => *current.insert(i),
+                    Err(e) => {
+                        return self
+                            .fail_batch(e.sqlstate(), &e.to_string(), has_sync)
+                            .await;
+                    }
+                },
+            };
             if let Err(e) = self.batch_message(i, frame, &mut wire) {
                 return Err(self.client_error(e));
             }
