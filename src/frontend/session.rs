@@ -1639,15 +1639,7 @@ impl Session {
             }
         }
         self.spare_batch = batch;
-        if let Some(i) = current {
-            pop_synthetic(&mut self.conns[i], &mut self.out, self.merge.as_ref());
-            if !wire.is_empty()
-                && let Err(e) = self.conns[i].conn.send(&wire).await
-            {
-                return Err(self.server_lost(i, e));
-            }
-        }
-        Ok(())
+        self.send_batch(current, &wire).await
     }
 
     /// One server and nothing to plan (see [`router::Router::passthrough`]): the batch goes to the one
@@ -1679,13 +1671,20 @@ impl Session {
             }
         }
         self.spare_batch = batch;
-        if let Some(i) = current {
-            pop_synthetic(&mut self.conns[i], &mut self.out, self.merge.as_ref());
-            if !wire.is_empty()
-                && let Err(e) = self.conns[i].conn.send(&wire).await
-            {
-                return Err(self.server_lost(i, e));
-            }
+        self.send_batch(current, &wire).await
+    }
+
+    /// Sends the batch's messages to the connection they went to (none if every one was skipped
+    /// or answered by the proxy).
+    async fn send_batch(&mut self, current: Option<usize>, wire: &[u8]) -> Result<(), End> {
+        let Some(i) = current else {
+            return Ok(());
+        };
+        pop_synthetic(&mut self.conns[i], &mut self.out, self.merge.as_ref());
+        if !wire.is_empty()
+            && let Err(e) = self.conns[i].conn.send(wire).await
+        {
+            return Err(self.server_lost(i, e));
         }
         Ok(())
     }
