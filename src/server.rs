@@ -518,27 +518,14 @@ async fn accept_loop(
 mod tests {
     use super::*;
 
-    const MAP: &str = r#"
-listen: "127.0.0.1:6432"
-database: app
-users:
-  - name: app
-    password: app
-backend:
-  user: app
-  password: app
-  database: app
-sharding:
-  strategy: hash
-  tables: {}
-shards:
-  - name: s0
-    primary: "127.0.0.1:5432"
-    replicas: []
-"#;
-
     fn shared() -> Arc<Shared> {
-        let config = Config::from_yaml(MAP, std::path::Path::new("test.yaml")).expect("map");
+        // Building the shared state opens no connection, so the shipped map's servers need not
+        // exist.
+        let config = Config::from_yaml(
+            include_str!("../shard-map.yaml"),
+            std::path::Path::new("shard-map.yaml"),
+        )
+        .expect("the shipped map");
         Arc::new(Shared::new(Arc::new(config)).expect("shared"))
     }
 

@@ -126,8 +126,9 @@ struct Held {
     copy_in: bool,
     /// An error was seen in the simple Query at the head.
     query_failed: bool,
-    /// Tag of the last CommandComplete (to tell COMMIT from ROLLBACK), a view into its message.
-    last_tag: Bytes,
+    /// Tag of the last CommandComplete (to tell COMMIT from ROLLBACK). Owned, not a view into
+    /// the reader's buffer, which could keep a large result's buffer alive with it.
+    last_tag: String,
     /// A write ran here since the last ReadyForQuery idle (read your writes).
     wrote: bool,
     /// The session's transaction has been opened on this connection.
@@ -1370,7 +1371,7 @@ impl Session {
             unnamed_ready: false,
             copy_in: false,
             query_failed: false,
-            last_tag: Bytes::new(),
+            last_tag: String::new(),
             wrote: false,
             begun: self.tx.is_some(),
             injected_error: None,
@@ -2054,8 +2055,9 @@ impl Session {
         match t {
             tag::ERROR_RESPONSE => return self.on_server_error(i, frame, forward),
             tag::COMMAND_COMPLETE => {
-                held.last_tag = decode::command_complete(frame.body())
-                    .map_or_else(|_| Bytes::new(), |t| frame.bytes().slice_ref(t.as_bytes()));
+                held.last_tag.clear();
+                held.last_tag
+                    .push_str(decode::command_complete(frame.body()).unwrap_or_default());
             }
             tag::COPY_IN_RESPONSE => {
                 held.copy_in = true;

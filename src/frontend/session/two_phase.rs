@@ -141,7 +141,7 @@ impl Session {
             } else {
                 "COMMIT"
             };
-            if result.is_none() && self.conns[self.index(*key)].last_tag != want.as_bytes() {
+            if result.is_none() && self.conns[self.index(*key)].last_tag != want {
                 let mut msg = BytesMut::new();
                 crate::frontend::error(
                     &mut msg,
@@ -231,7 +231,7 @@ impl Session {
     pub(super) fn end_two_phase(&mut self, outcome: &str) {
         self.tx = None;
         for i in 0..self.conns.len() {
-            self.conns[i].last_tag = Bytes::from(outcome.to_owned());
+            self.conns[i].last_tag = outcome.into();
             self.ready(i);
         }
     }
