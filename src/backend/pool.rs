@@ -48,14 +48,16 @@ struct State {
 }
 
 struct Idle {
-    conn: ServerConn,
-    since: Instant,
+    conn: Box<ServerConn>,
+    /// When the upkeep first saw it idle: stamped there rather than at every return, so giving
+    /// a connection back reads no clock. It may so close up to one upkeep period late.
+    since: Option<Instant>,
 }
 
 /// What a waiting checkout is handed.
 enum Grant {
     /// A connection given back.
-    Conn(ServerConn),
+    Conn(Box<ServerConn>),
     /// Room for a new connection (already counted in `open`), for it to open.
     Slot,
 }
@@ -77,7 +79,9 @@ fn enqueue(state: &mut State) -> oneshot::Receiver<Grant> {
 /// A checked-out server connection; dropping it returns it to the pool, or closes it if the
 /// relay marked it broken or it is not idle (mid-transaction, mid-request).
 pub struct PooledConn {
-    conn: Option<ServerConn>,
+    /// Boxed: a checkout moves the connection through the pool, a waiter's channel and the
+    /// session; a pointer moves cheaper than the struct.
+    conn: Option<Box<ServerConn>>,
     pool: Arc<Inner>,
 }
 
@@ -224,14 +228,14 @@ impl Inner {
             *params = Some(conn.params.clone());
         }
         Ok(PooledConn {
-            conn: Some(conn),
+            conn: Some(Box::new(conn)),
             pool: self.clone(),
         })
     }
 
     /// A connection comes back: to the oldest waiting checkout, else onto the idle stack; or,
     /// if it cannot be reused, it closes and its room goes to the oldest waiting checkout.
-    fn put_back(&self, conn: ServerConn) {
+    fn put_back(&self, conn: Box<ServerConn>) {
         let reusable = !conn.broken
             && conn.status == crate::protocol::TxStatus::Idle
             && conn.reader.buffered() == 0;
@@ -249,10 +253,7 @@ impl Inner {
                 Err(Grant::Slot) => unreachable!("a Conn was sent"),
             }
         }
-        state.idle.push(Idle {
-            conn,
-            since: Instant::now(),
-        });
+        state.idle.push(Idle { conn, since: None });
     }
 
     /// One connection fewer: its room goes to the oldest waiting checkout, if any.
@@ -276,9 +277,10 @@ impl Inner {
             let mut n = 0;
             while n < state.idle.len() {
                 let idle = &mut state.idle[n];
+                let since = *idle.since.get_or_insert(now);
                 let expired = self
                     .idle_timeout
-                    .is_some_and(|t| now.duration_since(idle.since) >= t);
+                    .is_some_and(|t| now.duration_since(since) >= t);
                 if (expired && state.open > self.min_idle) || !idle.conn.is_reusable() {
                     closed.push(state.idle.remove(n));
                     self.release(state);

@@ -22,13 +22,16 @@
 //! (COPY FROM STDIN split by row), `local` (what the proxy answers itself).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, warn};
 
 use super::Login;
@@ -216,6 +219,8 @@ pub struct Session {
     spare_expect: Vec<VecDeque<Expect>>,
     /// The previous batch's emptied vector, which collects the batch after next.
     spare_batch: Vec<Frame>,
+    /// An emptied `Held::last_tag`, for the next checkout.
+    spare_tag: String,
     skip_until_sync: bool,
     merge: Option<Merge>,
     /// Read your writes: the WAL position of this session's last write per shard.
@@ -346,6 +351,51 @@ fn savepoint_replay(tx: &Tx) -> Option<Bytes> {
     Some(msg.freeze())
 }
 
+/// The proxy's shutdown, awaited across the whole session: one registration with the token,
+/// not one per message; and while the session's task (its waker) stays the same, polling again
+/// is a flag check rather than a trip through the token's locked waiter list.
+struct ShutdownWait {
+    token: CancellationToken,
+    wait: Pin<Box<WaitForCancellationFutureOwned>>,
+    registered: Option<Waker>,
+}
+
+impl ShutdownWait {
+    fn new(token: CancellationToken) -> Self {
+        ShutdownWait {
+            wait: Box::pin(token.clone().cancelled_owned()),
+            token,
+            registered: None,
+        }
+    }
+}
+
+impl Future for ShutdownWait {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // Cancelling sets the flag before it wakes the registered waker.
+        if self.token.is_cancelled() {
+            return Poll::Ready(());
+        }
+        if self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
+        let this = &mut *self;
+        match this.wait.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(()),
+            Poll::Pending => {
+                this.registered = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
 /// Why the session ended.
 #[derive(Debug)]
 enum End {
@@ -360,7 +410,8 @@ enum End {
 
 enum Event {
     Client(Result<Frame, protocol::Error>),
-    Server(Result<Frame, protocol::Error>),
+    /// A whole message (or more) is buffered from the polled server connection.
+    Server(Result<(), protocol::Error>),
 }
 
 impl Session {
@@ -389,6 +440,7 @@ impl Session {
             cancel: login.cancel,
             spare_expect: Vec::new(),
             spare_batch: Vec::new(),
+            spare_tag: String::new(),
             skip_until_sync: false,
             merge: None,
             ryw: HashMap::new(),
@@ -414,10 +466,7 @@ impl Session {
     }
 
     async fn relay(&mut self, shutdown: CancellationToken) -> End {
-        // One wait for shutdown across the whole session: a fresh one per message would join
-        // and leave the token's waiter list every time.
-        let shutdown = shutdown.cancelled();
-        tokio::pin!(shutdown);
+        let mut shutdown = ShutdownWait::new(shutdown);
         loop {
             let active = self.pending();
             // Batch writes to the client: flush only when no further server reply is buffered.
@@ -434,7 +483,7 @@ impl Session {
                     tokio::select! {
                         biased;
                         r = self.client.next() => Event::Client(r),
-                        r = held.conn.reader.next() => Event::Server(r),
+                        r = held.conn.reader.ready() => Event::Server(r),
                         () = &mut shutdown => {
                             super::fatal_error(&mut self.out, "57P01", "terminating connection due to administrator command");
                             return End::Fatal;
@@ -445,7 +494,7 @@ impl Session {
                     let held = &mut self.conns[i];
                     tokio::select! {
                         biased;
-                        r = held.conn.reader.next() => Event::Server(r),
+                        r = held.conn.reader.ready() => Event::Server(r),
                         r = self.client.next() => Event::Client(r),
                     }
                 }
@@ -461,10 +510,10 @@ impl Session {
             let step = match event {
                 Event::Client(Ok(frame)) => self.on_client(frame).await,
                 Event::Client(Err(e)) => Err(self.client_error(e)),
-                Event::Server(Ok(frame)) => {
+                Event::Server(Ok(())) => {
                     let i =
                         polled.expect("invariant: server events come from the polled connection");
-                    self.on_server(i, frame)
+                    self.on_buffered(i)
                 }
                 Event::Server(Err(e)) => {
                     let i =
@@ -479,6 +528,50 @@ impl Session {
             }
             self.release_idle();
         }
+    }
+
+    /// The messages buffered from connection `i` (at least one): all of them, without a trip
+    /// through the loop's `select!` per message. Stops where the loop would poll something
+    /// else first: when another connection's replies come next, or `i` has nothing pending.
+    fn on_buffered(&mut self, i: usize) -> Result<(), End> {
+        loop {
+            self.forward_plain(i);
+            match self.conns[i].conn.reader.try_next() {
+                Ok(Some(frame)) => self.on_server(i, frame)?,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    let addr = self.conns[i].conn.addr.clone();
+                    return Err(self.server_lost(i, backend::Error::protocol(&addr, e)));
+                }
+            }
+            if self.pending() != Some(i) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Rows (and, in a simple Query's reply, row descriptions) of a reply the client gets as
+    /// it is need no bookkeeping: they go to the client in one copy, not one frame each.
+    fn forward_plain(&mut self, i: usize) {
+        if self.merge.is_some() {
+            return;
+        }
+        let held = &mut self.conns[i];
+        let query = match held.expect.front() {
+            Some(Expect::Reply {
+                kind: Kind::Query { .. },
+                forward: true,
+            }) => true,
+            Some(Expect::Reply {
+                kind: Kind::Execute { .. },
+                forward: true,
+            }) => false,
+            _ => return,
+        };
+        held.conn.reader.forward_while(
+            |t| t == tag::DATA_ROW || (query && t == tag::ROW_DESCRIPTION),
+            &mut self.out,
+        );
     }
 
     async fn flush_client(&mut self) -> std::io::Result<()> {
@@ -592,6 +685,29 @@ impl Session {
             tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE => {
                 if !self.skip_until_sync {
                     self.batch.push(frame);
+                }
+                // The rest of a pipeline usually came in the same read: collect it here rather
+                // than through the relay loop's `select!` once per message.
+                while let Some(
+                    t @ (tag::PARSE
+                    | tag::BIND
+                    | tag::DESCRIBE
+                    | tag::EXECUTE
+                    | tag::CLOSE
+                    | tag::SYNC
+                    | tag::FLUSH),
+                ) = self.client.peek_tag()
+                {
+                    let Ok(Some(frame)) = self.client.try_next() else {
+                        break; // (peek_tag saw a whole message)
+                    };
+                    if matches!(t, tag::SYNC | tag::FLUSH) {
+                        self.batch.push(frame);
+                        return self.run_batch().await;
+                    }
+                    if !self.skip_until_sync {
+                        self.batch.push(frame);
+                    }
                 }
                 Ok(())
             }
@@ -1297,16 +1413,10 @@ impl Session {
             return Ok(i);
         }
         let shard = &self.shared.shards[key.shard];
-        let (pool, state) = if key.server == 0 {
-            (
-                &shard.primary,
-                self.shared.health.shard(key.shard).primary.clone(),
-            )
+        let pool = if key.server == 0 {
+            &shard.primary
         } else {
-            (
-                &shard.replicas[key.server - 1],
-                self.shared.health.shard(key.shard).replicas[key.server - 1].clone(),
-            )
+            &shard.replicas[key.server - 1]
         };
         let mut conn = match pool.get().await {
             Ok(conn) => conn,
@@ -1314,7 +1424,7 @@ impl Session {
                 // A replica that cannot be reached leaves the rotation now (its probe brings it
                 // back) and the read goes to the primary: the client sees no error.
                 warn!(cause = %e, "replica unavailable, reading from the primary");
-                state
+                self.shared.health.shard(key.shard).replicas[key.server - 1]
                     .healthy
                     .store(false, std::sync::atomic::Ordering::Relaxed);
                 return Box::pin(self.pin(ConnKey::primary(key.shard))).await;
@@ -1371,12 +1481,14 @@ impl Session {
             unnamed_ready: false,
             copy_in: false,
             query_failed: false,
-            last_tag: String::new(),
+            last_tag: std::mem::take(&mut self.spare_tag),
             wrote: false,
             begun: self.tx.is_some(),
             injected_error: None,
             failing: false,
-            _in_flight: (key.server > 0).then(|| state.enter()),
+            // Only replicas count reads in flight (for least-busy balancing).
+            _in_flight: (key.server > 0)
+                .then(|| self.shared.health.shard(key.shard).replicas[key.server - 1].enter()),
         });
         Ok(self.conns.len() - 1)
     }
@@ -2354,9 +2466,14 @@ impl Session {
         for mut held in self.conns.extract_if(.., |h| {
             h.expect.is_empty() && !h.copy_in && h.conn.status == TxStatus::Idle
         }) {
-            // The queue's allocation serves the next checkout (one per transaction otherwise).
+            // The queue's and the tag's allocations serve the next checkout (one each per
+            // transaction otherwise).
             if self.spare_expect.len() < 4 {
                 self.spare_expect.push(std::mem::take(&mut held.expect));
+            }
+            if self.spare_tag.capacity() == 0 {
+                self.spare_tag = std::mem::take(&mut held.last_tag);
+                self.spare_tag.clear();
             }
         }
         if self.conns.len() != before {
@@ -2521,7 +2638,12 @@ fn ends_reply(kind: &Kind, t: u8) -> Ends {
 
 /// Sends every synthetic reply at the head of the queue (in a merge, only the first
 /// connection's count).
+#[inline]
 fn pop_synthetic(held: &mut Held, out: &mut BytesMut, merge: Option<&Merge>) {
+    // Called around every reply: the common case is one look at the head.
+    if !matches!(held.expect.front(), Some(Expect::Synthetic(_))) {
+        return;
+    }
     let keep = merge.is_none_or(|m| m.first);
     while let Some(Expect::Synthetic(_)) = held.expect.front() {
         if let Some(Expect::Synthetic(bytes)) = held.expect.pop_front()
@@ -2535,6 +2657,34 @@ fn pop_synthetic(held: &mut Held, out: &mut BytesMut, merge: Option<&Merge>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn shutdown_wait_wakes_a_session_polled_many_times() {
+        let token = CancellationToken::new();
+        let mut wait = ShutdownWait::new(token.clone());
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(4);
+        let session = tokio::spawn(async move {
+            let mut messages = 0;
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(()) = rx.recv() => messages += 1,
+                    () = &mut wait => return messages,
+                }
+            }
+        });
+        // Polled again and again with the same waker: the shutdown still gets through.
+        for _ in 0..3 {
+            tx.send(()).await.expect("send");
+            tokio::task::yield_now().await;
+        }
+        token.cancel();
+        let messages = tokio::time::timeout(Duration::from_secs(5), session)
+            .await
+            .expect("woken by the shutdown")
+            .expect("task");
+        assert_eq!(messages, 3);
+    }
 
     #[test]
     fn counts_add_up() {

@@ -59,12 +59,32 @@ pub fn effects(sql: &str) -> Effects {
 /// change session state.
 fn may_have_effects(sql: &str) -> bool {
     const WORDS: [&str; 4] = ["set", "reset", "discard", "deallocate"];
-    let first = Tokens::new(sql).next().unwrap_or("");
+    let b = sql.as_bytes();
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let first = match b.get(start) {
+        // A comment first: the tokenizer skips it.
+        Some(b'-' | b'/') => Tokens::new(sql).next().unwrap_or(""),
+        // Otherwise the leading letters (a longer identifier then only costs the full look).
+        _ => {
+            let len = b[start..]
+                .iter()
+                .position(|c| !c.is_ascii_alphabetic())
+                .unwrap_or(b.len() - start);
+            &sql[start..start + len]
+        }
+    };
     if WORDS.iter().any(|w| first.eq_ignore_ascii_case(w)) {
         return true;
     }
     // A semicolon followed by more than whitespace may start another statement.
-    sql.trim_end().trim_end_matches(';').contains(';')
+    memchr::memchr(b';', b).is_some_and(|i| {
+        b[i..]
+            .iter()
+            .any(|c| *c != b';' && !c.is_ascii_whitespace())
+    })
 }
 
 fn set_change(stmt: &str, mut tokens: Tokens<'_>) -> Option<Change> {
@@ -263,6 +283,36 @@ mod tests {
 
     fn changes(sql: &str) -> Vec<Change> {
         effects(sql).changes
+    }
+
+    #[test]
+    fn the_first_look_misses_no_session_command() {
+        for yes in [
+            "SET x = 1",
+            "  \n\tset x = 1",
+            "/* why */ SET x = 1",
+            "-- why\nRESET ALL",
+            "Discard all",
+            "DEALLOCATE ALL",
+            "SELECT 1; SET x = 1",
+            "SELECT 1 ;; select 2",
+        ] {
+            assert!(may_have_effects(yes), "{yes}");
+        }
+        for no in [
+            "",
+            "SELECT 1",
+            "SELECT 1;",
+            "SELECT 1 ; \n ;",
+            "SETTLE",
+            "  select set from t",
+        ] {
+            assert!(!may_have_effects(no), "{no}");
+        }
+        assert_eq!(
+            changes("/* why */ SET x = 1"),
+            vec![set("x", "/* why */ SET x = 1".into())]
+        );
     }
 
     #[test]

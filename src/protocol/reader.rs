@@ -43,6 +43,56 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The next message if one is already buffered: no read, no wait.
+    ///
+    /// # Errors
+    /// A length below 4 or over the size limit, as [`FrameReader::next`].
+    pub fn try_next(&mut self) -> Result<Option<Frame>, Error> {
+        Ok(self
+            .peek_len()?
+            .map(|total| Frame::from_bytes(self.buf.split_to(total).freeze())))
+    }
+
+    /// Waits until a whole message is buffered, without taking it (cancel-safe, as `next`).
+    ///
+    /// # Errors
+    /// As [`FrameReader::next`].
+    pub async fn ready(&mut self) -> Result<(), Error> {
+        while self.peek_len()?.is_none() {
+            self.fill().await?;
+        }
+        Ok(())
+    }
+
+    /// Moves the whole messages at the front of the buffer whose type `plain` accepts into
+    /// `out`, with one copy and no [`Frame`] each; stops at the first other message, or one
+    /// not fully buffered or malformed (left for [`FrameReader::try_next`] to report).
+    pub fn forward_while(&mut self, plain: impl Fn(u8) -> bool, out: &mut BytesMut) {
+        let mut end = 0;
+        while let Some(head) = self.buf.get(end..end + 5) {
+            let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+            let Ok(len) = usize::try_from(len) else { break };
+            let total = len + 1;
+            if !plain(head[0])
+                || len < 4
+                || total > self.max_message
+                || end + total > self.buf.len()
+            {
+                break;
+            }
+            end += total;
+        }
+        if end > 0 {
+            out.extend_from_slice(&self.buf[..end]);
+            self.buf.advance(end);
+        }
+    }
+
+    /// The type of the next message if all of it is already buffered.
+    pub fn peek_tag(&self) -> Option<u8> {
+        matches!(self.peek_len(), Ok(Some(_))).then(|| self.buf[0])
+    }
+
     /// The startup-phase message (length-prefixed, no type byte): returns its body after the
     /// length word.
     ///
@@ -143,6 +193,41 @@ mod tests {
         tx.write_all(b"Q\0\0\0\x02").await.expect("write");
         let mut reader = FrameReader::new(rx, 1024);
         assert!(matches!(reader.next().await, Err(Error::BadLength { .. })));
+    }
+
+    #[tokio::test]
+    async fn forwards_plain_messages_in_one_copy() {
+        let (mut tx, rx) = tokio::io::duplex(256);
+        // Two rows, a CommandComplete, then the start of a row still to come.
+        tx.write_all(b"D\0\0\0\x06\0\0D\0\0\0\x05\x01C\0\0\0\x05\0D\0\0\0\x08ab")
+            .await
+            .expect("write");
+        let mut reader = FrameReader::new(rx, 1024);
+        reader.ready().await.expect("a whole message");
+        let mut out = BytesMut::new();
+        reader.forward_while(|t| t == b'D', &mut out);
+        assert_eq!(&out[..], b"D\0\0\0\x06\0\0D\0\0\0\x05\x01");
+        // Stops at a message of another type...
+        let c = reader.try_next().expect("valid").expect("buffered");
+        assert_eq!(c.tag(), b'C');
+        // ...and at one not wholly buffered.
+        out.clear();
+        reader.forward_while(|t| t == b'D', &mut out);
+        assert!(out.is_empty());
+        assert!(reader.try_next().expect("valid").is_none());
+        tx.write_all(b"cd").await.expect("write");
+        reader.ready().await.expect("now whole");
+        reader.forward_while(|t| t == b'D', &mut out);
+        assert_eq!(&out[..], b"D\0\0\0\x08abcd");
+        assert_eq!(reader.buffered(), 0);
+
+        // A malformed length is left for try_next to report.
+        tx.write_all(b"D\0\0\0\x02").await.expect("write");
+        out.clear();
+        assert!(matches!(reader.ready().await, Err(Error::BadLength { .. })));
+        reader.forward_while(|t| t == b'D', &mut out);
+        assert!(out.is_empty());
+        assert!(matches!(reader.try_next(), Err(Error::BadLength { .. })));
     }
 
     #[tokio::test]
