@@ -144,12 +144,30 @@ impl ServerConn {
     /// # Errors
     /// The server went away; the connection is marked broken.
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), Error> {
-        if let Err(e) = self.writer.write_all(bytes).await {
+        if let Err(e) = write_all(&mut self.writer, bytes).await {
             self.broken = true;
             return Err(Error::io(&self.addr, e));
         }
         Ok(())
     }
+}
+
+/// Writes all of `bytes` to a socket (client or server side). A request or a reply almost
+/// always fits the socket's buffer at once: the first attempt is a plain non-blocking write,
+/// without the future and task-budget bookkeeping of `write_all`, which only sends the rest.
+///
+/// # Errors
+/// The peer went away.
+pub async fn write_all(writer: &mut OwnedWriteHalf, bytes: &[u8]) -> std::io::Result<()> {
+    let sent = match writer.try_write(bytes) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    if sent < bytes.len() {
+        writer.write_all(&bytes[sent..]).await?;
+    }
+    Ok(())
 }
 
 fn startup_message(out: &mut BytesMut, creds: &Credentials) {

@@ -4,7 +4,7 @@ pub mod conn;
 pub mod health;
 pub mod pool;
 
-pub use conn::{CancelKey, Credentials, ServerConn};
+pub use conn::{CancelKey, Credentials, ServerConn, write_all};
 pub use pool::{Pool, PooledConn};
 
 /// Why a server connection could not be had or used.
