@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Proxy, text, unique};
+use common::{Proxy, raw, text, unique};
 use tessera::config::PoolMode;
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -527,4 +527,24 @@ async fn transaction_state_is_kept_across_statements() {
         text(&out.stdout),
         text(&out.stderr)
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_clients_are_told_when_the_proxy_shuts_down() {
+    let proxy = Proxy::start(|_| {}).await;
+    let mut client = raw::Raw::login(proxy.port).await;
+    // Many requests first: the session's wait for shutdown is polled again after each.
+    for i in 0..50 {
+        client.send(&raw::query(&format!("SELECT {i}"))).await;
+        let reply = client.until_ready().await;
+        assert_eq!(raw::tags(&reply), "TDCZ");
+        assert_eq!(reply[1].col0().as_deref(), Some(i.to_string().as_str()));
+    }
+    tokio::time::timeout(Duration::from_secs(10), proxy.shutdown())
+        .await
+        .expect("the session ends when the proxy shuts down");
+    let told = tokio::time::timeout(Duration::from_secs(10), client.read())
+        .await
+        .expect("the client hears of it");
+    assert_eq!(told.code().as_deref(), Some("57P01"), "{told:?}");
 }
