@@ -54,6 +54,10 @@ mod two_phase;
 use copy_in::CopyIn;
 use local::{Local, next_id_call, next_id_description, next_id_row};
 
+/// A batch's wire buffer up to this size is kept for the next batch; a larger one (a big
+/// Bind) is freed rather than held for the rest of the session.
+const SPARE_WIRE_MAX: usize = 64 * 1024;
+
 thread_local! {
     /// The plan of every statement when the router is a passthrough (one shard, no replicas).
     static PASSTHROUGH: Plan = Plan {
@@ -130,7 +134,7 @@ struct Held {
     query_failed: bool,
     /// Tag of the last CommandComplete (to tell COMMIT from ROLLBACK). Owned, not a view into
     /// the reader's buffer, which could keep a large result's buffer alive with it.
-    last_tag: String,
+    last_tag: Vec<u8>,
     /// A write ran here since the last ReadyForQuery idle (read your writes).
     wrote: bool,
     /// The session's transaction has been opened on this connection.
@@ -219,7 +223,9 @@ pub struct Session {
     /// The previous batch's emptied vector, which collects the batch after next.
     spare_batch: Vec<Frame>,
     /// An emptied `Held::last_tag`, for the next checkout.
-    spare_tag: String,
+    spare_tag: Vec<u8>,
+    /// The last passed-through batch's emptied wire buffer, for the next one.
+    spare_wire: BytesMut,
     skip_until_sync: bool,
     merge: Option<Merge>,
     /// Read your writes: the WAL position of this session's last write per shard.
@@ -439,7 +445,8 @@ impl Session {
             cancel: login.cancel,
             spare_expect: Vec::new(),
             spare_batch: Vec::new(),
-            spare_tag: String::new(),
+            spare_tag: Vec::new(),
+            spare_wire: BytesMut::new(),
             skip_until_sync: false,
             merge: None,
             ryw: HashMap::new(),
@@ -755,11 +762,13 @@ impl Session {
     async fn on_query(&mut self, frame: Frame) -> Result<(), End> {
         // A reference-counted view of the text, so `frame` can move on without a copy.
         let body = frame.bytes().slice(5..);
-        let sql = match decode::query(&body) {
-            Ok(sql) => decode::text(sql),
+        let text = match decode::query(&body) {
+            Ok(text) => text,
             Err(e) => return Err(self.client_error(e)),
         };
-        if let Some(column) = next_id_call(&sql) {
+        // Checked as UTF-8 only when something reads it: a passed-through query never is.
+        let sql = std::cell::LazyCell::new(|| decode::text(text));
+        if let Some(column) = next_id_call(text) {
             if self.tx_failed() {
                 return self.aborted().await;
             }
@@ -772,7 +781,7 @@ impl Session {
             build::ready_for_query(&mut self.out, status);
             return Ok(());
         }
-        let effects = super::settings::effects(&sql);
+        let effects = super::settings::effects_of(text);
         if effects.drops_prepared
             && let Some(reply) = self.deallocate(&sql)
         {
@@ -837,8 +846,8 @@ impl Session {
                     .await;
             }
         }
-        match plan.fanout.clone() {
-            Fanout::One(shard) => {
+        match &plan.fanout {
+            &Fanout::One(shard) => {
                 if let Err(e) = self.note_write(&plan, &[shard.0]) {
                     return self.refuse_statement(&e).await;
                 }
@@ -879,7 +888,7 @@ impl Session {
                 .await
             }
             fanout => {
-                let shards = self.fanout_shards(&fanout);
+                let shards = self.fanout_shards(fanout);
                 if let Err(e) = self.note_write(&plan, &shards) {
                     return self.refuse_statement(&e).await;
                 }
@@ -1751,7 +1760,12 @@ impl Session {
             }
         }
         self.spare_batch = batch;
-        self.send_batch(current, &wire).await
+        let sent = self.send_batch(current, &wire).await;
+        if wire.capacity() <= SPARE_WIRE_MAX {
+            wire.clear();
+            self.spare_wire = wire;
+        }
+        sent
     }
 
     /// One server and nothing to plan (see [`router::Router::passthrough`]): the batch goes to the one
@@ -1761,7 +1775,8 @@ impl Session {
         mut batch: Vec<Frame>,
         has_sync: bool,
     ) -> Result<(), End> {
-        let mut wire = BytesMut::with_capacity(batch.iter().map(|f| f.bytes().len()).sum());
+        let mut wire = std::mem::take(&mut self.spare_wire);
+        wire.reserve(batch.iter().map(|f| f.bytes().len()).sum());
         let mut current = None;
         for frame in batch.drain(..) {
             if self.skip_until_sync && frame.tag() != tag::SYNC {
@@ -1783,7 +1798,12 @@ impl Session {
             }
         }
         self.spare_batch = batch;
-        self.send_batch(current, &wire).await
+        let sent = self.send_batch(current, &wire).await;
+        if wire.capacity() <= SPARE_WIRE_MAX {
+            wire.clear();
+            self.spare_wire = wire;
+        }
+        sent
     }
 
     /// Sends the batch's messages to the connection they went to (none if every one was skipped
@@ -1932,13 +1952,12 @@ impl Session {
                     self.local_statements.remove(parse.name);
                 }
                 if parse.name.is_empty() {
-                    let sql = decode::text(parse.query);
                     self.unnamed = Some(Unnamed {
                         parse: frame.bytes().clone(),
                         analysis: (!self.shared.router.passthrough())
-                            .then(|| self.shared.router.analyze(&sql)),
+                            .then(|| self.shared.router.analyze(&decode::text(parse.query))),
                         types: crate::server::parse_param_types(parse.param_types),
-                        changes: super::settings::effects(&sql).changes,
+                        changes: super::settings::effects_of(parse.query).changes,
                     });
                     let held = &mut self.conns[i];
                     held.unnamed_ready = true;
@@ -2167,8 +2186,9 @@ impl Session {
             tag::ERROR_RESPONSE => return self.on_server_error(i, frame, forward),
             tag::COMMAND_COMPLETE => {
                 held.last_tag.clear();
-                held.last_tag
-                    .push_str(decode::command_complete(frame.body()).unwrap_or_default());
+                if let Ok((command, _)) = decode::cstr(frame.body(), "CommandComplete") {
+                    held.last_tag.extend_from_slice(command);
+                }
             }
             tag::COPY_IN_RESPONSE => {
                 held.copy_in = true;
@@ -2305,7 +2325,7 @@ impl Session {
             }
             return;
         }
-        if held.last_tag != "ROLLBACK" {
+        if held.last_tag != b"ROLLBACK" {
             let changes = std::mem::take(&mut self.tx_changes);
             self.settings.apply(&changes);
         }
@@ -2637,12 +2657,16 @@ fn ends_reply(kind: &Kind, t: u8) -> Ends {
 
 /// Sends every synthetic reply at the head of the queue (in a merge, only the first
 /// connection's count).
-#[inline]
+#[inline(always)]
 fn pop_synthetic(held: &mut Held, out: &mut BytesMut, merge: Option<&Merge>) {
-    // Called around every reply: the common case is one look at the head.
-    if !matches!(held.expect.front(), Some(Expect::Synthetic(_))) {
-        return;
+    // Called around every reply: the common case is one look at the head, inlined.
+    if matches!(held.expect.front(), Some(Expect::Synthetic(_))) {
+        send_synthetic(held, out, merge);
     }
+}
+
+#[inline(never)]
+fn send_synthetic(held: &mut Held, out: &mut BytesMut, merge: Option<&Merge>) {
     let keep = merge.is_none_or(|m| m.first);
     while let Some(Expect::Synthetic(_)) = held.expect.front() {
         if let Some(Expect::Synthetic(bytes)) = held.expect.pop_front()

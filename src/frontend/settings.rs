@@ -26,10 +26,19 @@ pub struct Effects {
     pub drops_prepared: bool,
 }
 
+/// The session-state effects of a query string as the client sent it: the cheap first look
+/// runs on the bytes, so the common query is never checked as UTF-8 here.
+pub fn effects_of(sql: &[u8]) -> Effects {
+    if !may_have_effects(sql) {
+        return Effects::default();
+    }
+    effects(&String::from_utf8_lossy(sql))
+}
+
 /// The session-state effects of a whole query string.
 pub fn effects(sql: &str) -> Effects {
     let mut out = Effects::default();
-    if !may_have_effects(sql) {
+    if !may_have_effects(sql.as_bytes()) {
         return out;
     }
     for stmt in lex::statements(sql) {
@@ -56,27 +65,26 @@ pub fn effects(sql: &str) -> Effects {
 
 /// A cheap first look, so the common query (one statement, not a session command) costs no
 /// statement splitting: only a leading SET/RESET/DISCARD/DEALLOCATE, or a second statement, can
-/// change session state.
-fn may_have_effects(sql: &str) -> bool {
-    const WORDS: [&str; 4] = ["set", "reset", "discard", "deallocate"];
-    let b = sql.as_bytes();
-    let start = b
+/// change session state. A leading comment gets the full look.
+fn may_have_effects(b: &[u8]) -> bool {
+    let rest = b.trim_ascii_start();
+    if let Some(b'-' | b'/') = rest.first() {
+        return true;
+    }
+    // The leading letters (a longer identifier then only costs the full look).
+    let len = rest
         .iter()
-        .position(|c| !c.is_ascii_whitespace())
-        .unwrap_or(b.len());
-    let first = match b.get(start) {
-        // A comment first: the tokenizer skips it.
-        Some(b'-' | b'/') => Tokens::new(sql).next().unwrap_or(""),
-        // Otherwise the leading letters (a longer identifier then only costs the full look).
-        _ => {
-            let len = b[start..]
-                .iter()
-                .position(|c| !c.is_ascii_alphabetic())
-                .unwrap_or(b.len() - start);
-            &sql[start..start + len]
-        }
+        .position(|c| !c.is_ascii_alphabetic())
+        .unwrap_or(rest.len());
+    let first = &rest[..len];
+    let command = match len {
+        3 => first.eq_ignore_ascii_case(b"set"),
+        5 => first.eq_ignore_ascii_case(b"reset"),
+        7 => first.eq_ignore_ascii_case(b"discard"),
+        10 => first.eq_ignore_ascii_case(b"deallocate"),
+        _ => false,
     };
-    if WORDS.iter().any(|w| first.eq_ignore_ascii_case(w)) {
+    if command {
         return true;
     }
     // A semicolon followed by more than whitespace may start another statement.
@@ -286,6 +294,22 @@ mod tests {
     }
 
     #[test]
+    fn effects_of_bytes_are_the_effects_of_the_text() {
+        for sql in [
+            "SET x = 1",
+            "SELECT 1",
+            "select 1; reset all",
+            "DISCARD ALL",
+            "/* c */ deallocate all",
+            "SETTLE",
+        ] {
+            assert_eq!(effects_of(sql.as_bytes()), effects(sql), "{sql}");
+        }
+        // Not UTF-8: still tracked (whether the bytes are acceptable is the server's call).
+        assert_eq!(effects_of(b"SET x = '\xff'").changes.len(), 1);
+    }
+
+    #[test]
     fn the_first_look_misses_no_session_command() {
         for yes in [
             "SET x = 1",
@@ -297,7 +321,7 @@ mod tests {
             "SELECT 1; SET x = 1",
             "SELECT 1 ;; select 2",
         ] {
-            assert!(may_have_effects(yes), "{yes}");
+            assert!(may_have_effects(yes.as_bytes()), "{yes}");
         }
         for no in [
             "",
@@ -307,7 +331,7 @@ mod tests {
             "SETTLE",
             "  select set from t",
         ] {
-            assert!(!may_have_effects(no), "{no}");
+            assert!(!may_have_effects(no.as_bytes()), "{no}");
         }
         assert_eq!(
             changes("/* why */ SET x = 1"),

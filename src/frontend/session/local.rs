@@ -11,21 +11,22 @@ pub(super) enum Local {
 }
 
 /// If `sql` is `SELECT tessera_next_id() [AS name]`, the column name it returns.
-pub(super) fn next_id_call(sql: &str) -> Option<String> {
-    // Every simple query comes through here: the start of the one shape answered rules the
-    // others out before any scan.
-    let rest = sql.trim_start();
+pub(super) fn next_id_call(sql: &[u8]) -> Option<String> {
+    // Every query comes through here: the start of the one shape answered rules the others out
+    // before any scan or UTF-8 check.
+    let rest = sql.trim_ascii_start();
     let called = sql.len() <= 128
         && rest
             .get(..6)
-            .is_some_and(|w| w.eq_ignore_ascii_case("select"))
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"select"))
         && rest[6..]
-            .trim_start()
+            .trim_ascii_start()
             .get(..15)
-            .is_some_and(|w| w.eq_ignore_ascii_case("tessera_next_id"));
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"tessera_next_id"));
     if !called {
         return None;
     }
+    let sql = std::str::from_utf8(sql).ok()?;
     let text = sql.trim().trim_end_matches(';').trim().to_ascii_lowercase();
     let words: Vec<&str> = text.split_whitespace().collect();
     let call = |w: &str| w == "tessera_next_id()";
@@ -105,7 +106,7 @@ impl Session {
             let local = match frame.tag() {
                 tag::PARSE => match decode::parse(body) {
                     Ok(p) => {
-                        let local = next_id_call(&String::from_utf8_lossy(p.query)).is_some();
+                        let local = next_id_call(p.query).is_some();
                         statements.insert(p.name, local);
                         local
                     }
@@ -154,8 +155,8 @@ impl Session {
             match frame.tag() {
                 tag::PARSE => {
                     let p = decode::parse(body).map_err(|e| self.client_error(e))?;
-                    let column = next_id_call(&String::from_utf8_lossy(p.query))
-                        .expect("invariant: checked by answers_locally");
+                    let column =
+                        next_id_call(p.query).expect("invariant: checked by answers_locally");
                     self.local_statements
                         .insert(Bytes::copy_from_slice(p.name), column);
                     build::parse_complete(&mut self.out);
@@ -246,20 +247,20 @@ mod tests {
     #[test]
     fn only_a_lone_call_is_answered_locally() {
         assert_eq!(
-            next_id_call("SELECT tessera_next_id();").as_deref(),
+            next_id_call(b"SELECT tessera_next_id();").as_deref(),
             Some("tessera_next_id")
         );
         assert_eq!(
-            next_id_call("select TESSERA_NEXT_ID() AS order_id").as_deref(),
+            next_id_call(b"select TESSERA_NEXT_ID() AS order_id").as_deref(),
             Some("order_id")
         );
-        assert_eq!(next_id_call("SELECT tessera_next_id() + 1"), None);
-        assert_eq!(next_id_call("SELECT abalance FROM t WHERE aid = 1"), None);
+        assert_eq!(next_id_call(b"SELECT tessera_next_id() + 1"), None);
+        assert_eq!(next_id_call(b"SELECT abalance FROM t WHERE aid = 1"), None);
         assert_eq!(
-            next_id_call("  SELECT\n\ttessera_next_id()").as_deref(),
+            next_id_call(b"  SELECT\n\ttessera_next_id()").as_deref(),
             Some("tessera_next_id")
         );
-        assert_eq!(next_id_call("SELECT tessera_next_id"), None);
-        assert_eq!(next_id_call("SELECT é"), None);
+        assert_eq!(next_id_call(b"SELECT tessera_next_id"), None);
+        assert_eq!(next_id_call("SELECT é".as_bytes()), None);
     }
 }

@@ -141,7 +141,7 @@ impl Session {
             } else {
                 "COMMIT"
             };
-            if result.is_none() && self.conns[self.index(*key)].last_tag != want {
+            if result.is_none() && self.conns[self.index(*key)].last_tag != want.as_bytes() {
                 let mut msg = BytesMut::new();
                 crate::frontend::error(
                     &mut msg,
@@ -159,7 +159,7 @@ impl Session {
             .zip(&results)
             .filter(|((key, sql), _)| {
                 sql.starts_with("PREPARE")
-                    && self.conns[self.index(*key)].last_tag == "PREPARE TRANSACTION"
+                    && self.conns[self.index(*key)].last_tag == b"PREPARE TRANSACTION"
             })
             .map(|((key, _), _)| *key)
             .collect();
@@ -231,7 +231,7 @@ impl Session {
     pub(super) fn end_two_phase(&mut self, outcome: &str) {
         self.tx = None;
         for i in 0..self.conns.len() {
-            self.conns[i].last_tag = outcome.into();
+            self.conns[i].last_tag = outcome.as_bytes().to_vec();
             self.ready(i);
         }
     }
