@@ -148,6 +148,23 @@ struct Held {
     _in_flight: Option<InFlight>,
 }
 
+/// A CommandComplete (its body): the tag, kept to tell COMMIT from ROLLBACK later.
+fn note_command(last_tag: &mut Vec<u8>, body: &[u8]) {
+    last_tag.clear();
+    if let Ok((command, _)) = decode::cstr(body, "CommandComplete") {
+        last_tag.extend_from_slice(command);
+    }
+}
+
+impl Held {
+    /// A ReadyForQuery: the server's transaction status; COPY and any error are over.
+    fn note_ready(&mut self, status: TxStatus) {
+        self.conn.status = status;
+        self.copy_in = false;
+        self.failing = false;
+    }
+}
+
 /// A transaction the client opened. BEGIN is deferred: it is sent to each shard's connection
 /// just before the first statement that needs that shard.
 #[derive(Debug)]
@@ -541,7 +558,9 @@ impl Session {
     /// else first: when another connection's replies come next, or `i` has nothing pending.
     fn on_buffered(&mut self, i: usize) -> Result<(), End> {
         loop {
-            self.forward_plain(i);
+            if self.forward_plain(i) && self.pending() != Some(i) {
+                return Ok(());
+            }
             match self.conns[i].conn.reader.try_next() {
                 Ok(Some(frame)) => self.on_server(i, frame)?,
                 Ok(None) => return Ok(()),
@@ -556,28 +575,79 @@ impl Session {
         }
     }
 
-    /// Rows (and, in a simple Query's reply, row descriptions) of a reply the client gets as
-    /// it is need no bookkeeping: they go to the client in one copy, not one frame each.
-    fn forward_plain(&mut self, i: usize) {
+    /// The messages of a reply the client gets as they are, with no bookkeeping beyond what
+    /// `on_server` does for them: relayed straight from the read buffer, rows in one copy, no
+    /// frame each. Stops at anything else (an error, a notice, COPY, a merge's rows), which
+    /// `on_server` takes. Returns whether it relayed anything.
+    fn forward_plain(&mut self, i: usize) -> bool {
+        use tag::*;
         if self.merge.is_some() {
-            return;
+            return false;
         }
-        let held = &mut self.conns[i];
-        let query = match held.expect.front() {
-            Some(Expect::Reply {
-                kind: Kind::Query { .. },
+        let mut relayed = false;
+        loop {
+            let held = &mut self.conns[i];
+            pop_synthetic(held, &mut self.out, None);
+            let Some(Expect::Reply {
+                kind,
                 forward: true,
-            }) => true,
-            Some(Expect::Reply {
-                kind: Kind::Execute { .. },
-                forward: true,
-            }) => false,
-            _ => return,
-        };
-        held.conn.reader.forward_while(
-            |t| t == tag::DATA_ROW || (query && t == tag::ROW_DESCRIPTION),
-            &mut self.out,
-        );
+            }) = held.expect.front()
+            else {
+                return relayed;
+            };
+            let rows = match kind {
+                Kind::Query { .. } => Some(true),
+                Kind::Execute { .. } => Some(false),
+                _ => None,
+            };
+            if let Some(query) = rows {
+                let before = self.out.len();
+                held.conn.reader.forward_while(
+                    |t| t == DATA_ROW || (query && t == ROW_DESCRIPTION),
+                    &mut self.out,
+                );
+                relayed |= self.out.len() > before;
+            }
+            let Some((t, msg)) = held.conn.reader.peek() else {
+                return relayed;
+            };
+            let mut ready = None;
+            let ends = match (kind, t) {
+                (Kind::Parse { .. }, PARSE_COMPLETE)
+                | (Kind::Bind, BIND_COMPLETE)
+                | (Kind::Close, CLOSE_COMPLETE)
+                | (Kind::Describe { .. }, ROW_DESCRIPTION | NO_DATA) => true,
+                (Kind::Query { .. } | Kind::Execute { .. }, COMMAND_COMPLETE) => {
+                    note_command(&mut held.last_tag, &msg[5..]);
+                    rows == Some(false)
+                }
+                (Kind::Sync | Kind::Query { .. }, READY_FOR_QUERY) => {
+                    match decode::ready_for_query(&msg[5..]) {
+                        Ok(status) => ready = Some(status),
+                        // on_server reports it.
+                        Err(_) => return relayed,
+                    }
+                    true
+                }
+                _ => return relayed,
+            };
+            self.out.extend_from_slice(msg);
+            let len = msg.len();
+            held.conn.reader.consume(len);
+            if let Some(status) = ready {
+                held.note_ready(status);
+            }
+            relayed = true;
+            if ends {
+                let Some(Expect::Reply { kind, forward }) = held.expect.pop_front() else {
+                    unreachable!("head checked above");
+                };
+                self.completed(i, kind, t, forward);
+            }
+            if self.pending() != Some(i) {
+                return relayed;
+            }
+        }
     }
 
     async fn flush_client(&mut self) -> std::io::Result<()> {
@@ -1952,13 +2022,21 @@ impl Session {
                     self.local_statements.remove(parse.name);
                 }
                 if parse.name.is_empty() {
-                    self.unnamed = Some(Unnamed {
-                        parse: frame.bytes().clone(),
-                        analysis: (!self.shared.router.passthrough())
-                            .then(|| self.shared.router.analyze(&decode::text(parse.query))),
-                        types: crate::server::parse_param_types(parse.param_types),
-                        changes: super::settings::effects_of(parse.query).changes,
-                    });
+                    // Drivers send the same unnamed statement again and again: what was learnt
+                    // about it still stands.
+                    let known = self
+                        .unnamed
+                        .as_ref()
+                        .is_some_and(|u| u.parse[..] == frame.bytes()[..]);
+                    if !known {
+                        self.unnamed = Some(Unnamed {
+                            parse: frame.bytes().clone(),
+                            analysis: (!self.shared.router.passthrough())
+                                .then(|| self.shared.router.analyze(&decode::text(parse.query))),
+                            types: crate::server::parse_param_types(parse.param_types),
+                            changes: super::settings::effects_of(parse.query).changes,
+                        });
+                    }
                     let held = &mut self.conns[i];
                     held.unnamed_ready = true;
                     wire.extend_from_slice(frame.bytes());
@@ -2003,11 +2081,10 @@ impl Session {
                     self.ensure_unnamed(i, wire);
                     wire.extend_from_slice(frame.bytes());
                     if portal_unnamed {
-                        self.portal_changes = self
-                            .unnamed
-                            .as_ref()
-                            .map(|u| u.changes.clone())
-                            .unwrap_or_default();
+                        self.portal_changes.clear();
+                        if let Some(u) = &self.unnamed {
+                            self.portal_changes.extend_from_slice(&u.changes);
+                        }
                     }
                 } else {
                     let Some(stmt) = self.lookup(i, bind.statement) else {
@@ -2184,12 +2261,7 @@ impl Session {
         let held = &mut self.conns[i];
         match t {
             tag::ERROR_RESPONSE => return self.on_server_error(i, frame, forward),
-            tag::COMMAND_COMPLETE => {
-                held.last_tag.clear();
-                if let Ok((command, _)) = decode::cstr(frame.body(), "CommandComplete") {
-                    held.last_tag.extend_from_slice(command);
-                }
-            }
+            tag::COMMAND_COMPLETE => note_command(&mut held.last_tag, frame.body()),
             tag::COPY_IN_RESPONSE => {
                 held.copy_in = true;
                 // Sync messages sent after an Execute that starts COPY FROM STDIN are ignored
@@ -2242,9 +2314,7 @@ impl Session {
                 let Ok(status) = decode::ready_for_query(frame.body()) else {
                     return Err(self.desync(i, "malformed ReadyForQuery"));
                 };
-                held.conn.status = status;
-                held.copy_in = false;
-                held.failing = false;
+                held.note_ready(status);
             }
             _ => {}
         }
@@ -2276,7 +2346,7 @@ impl Session {
             return;
         }
         match kind {
-            Kind::Execute { changes } if t == tag::COMMAND_COMPLETE => {
+            Kind::Execute { changes } if t == tag::COMMAND_COMPLETE && !changes.is_empty() => {
                 self.tx_changes.extend(changes)
             }
             Kind::Query { changes } => {

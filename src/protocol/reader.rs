@@ -88,6 +88,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The next message if it is whole and its length valid, left in the buffer: its tag and
+    /// its bytes. Taken with [`FrameReader::consume`] once dealt with, so a message relayed as
+    /// it is needs no frame.
+    pub fn peek(&self) -> Option<(u8, &[u8])> {
+        match self.peek_len() {
+            Ok(Some(total)) => Some((self.buf[0], &self.buf[..total])),
+            _ => None,
+        }
+    }
+
+    /// Drops the first `n` buffered bytes: a message seen with [`FrameReader::peek`].
+    pub fn consume(&mut self, n: usize) {
+        self.buf.advance(n);
+    }
+
     /// The type of the next message if all of it is already buffered.
     pub fn peek_tag(&self) -> Option<u8> {
         matches!(self.peek_len(), Ok(Some(_))).then(|| self.buf[0])
@@ -193,6 +208,26 @@ mod tests {
         tx.write_all(b"Q\0\0\0\x02").await.expect("write");
         let mut reader = FrameReader::new(rx, 1024);
         assert!(matches!(reader.next().await, Err(Error::BadLength { .. })));
+    }
+
+    #[tokio::test]
+    async fn peeks_whole_messages_only_and_consumes_them() {
+        let (mut tx, rx) = tokio::io::duplex(64);
+        tx.write_all(b"1\0\0\0\x04Z\0\0\0\x05")
+            .await
+            .expect("write");
+        let mut reader = FrameReader::new(rx, 1024);
+        reader.ready().await.expect("a whole message");
+        assert_eq!(reader.peek(), Some((b'1', &b"1\0\0\0\x04"[..])));
+        reader.consume(5);
+        assert_eq!(reader.peek(), None, "ReadyForQuery is not whole yet");
+        tx.write_all(b"I2\0\0\0\x02").await.expect("write");
+        reader.ready().await.expect("now whole");
+        assert_eq!(reader.peek(), Some((b'Z', &b"Z\0\0\0\x05I"[..])));
+        reader.consume(6);
+        // A bad length is never peeked: try_next reports it.
+        assert_eq!(reader.peek(), None);
+        assert!(matches!(reader.try_next(), Err(Error::BadLength { .. })));
     }
 
     #[tokio::test]
