@@ -13,10 +13,11 @@ pub fn text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
 
 /// Splits a NUL-terminated string off the front of `buf`.
 pub fn cstr<'a>(buf: &'a [u8], what: &'static str) -> Result<(&'a [u8], &'a [u8]), Error> {
-    let end = buf
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or(Error::Malformed(what))?;
+    // Names are mostly empty; query texts are long enough for memchr's wide compares to pay.
+    let end = match buf.first() {
+        Some(0) => 0,
+        _ => memchr::memchr(0, buf).ok_or(Error::Malformed(what))?,
+    };
     Ok((&buf[..end], &buf[end + 1..]))
 }
 
