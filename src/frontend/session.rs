@@ -889,7 +889,7 @@ impl Session {
             }
         }
         if let Some(cmd) = plan.tx {
-            return self.on_tx_command(frame, cmd, &sql).await;
+            return Box::pin(self.on_tx_command(frame, cmd, &sql)).await;
         }
         // (A passthrough leaves transaction control to the one server, which enforces this.)
         if self.tx_failed() && !self.shared.router.passthrough() {
@@ -949,7 +949,7 @@ impl Session {
             }
             _ if plan.copy.as_ref().is_some_and(|c| !c.to) => {
                 let spec = plan.copy.clone().expect("invariant: matched");
-                self.start_copy_in(&plan, spec, frame).await
+                Box::pin(self.start_copy_in(&plan, spec, frame)).await
             }
             Fanout::Scatter(_) if lex::statements(&sql).len() > 1 => {
                 self.refuse_statement(&router::Error::Unsupported(
@@ -973,7 +973,7 @@ impl Session {
                 };
                 let split = plan.split.clone();
                 self.copy_out = plan.copy.clone().filter(|c| c.to);
-                self.scatter(&shards, &plan, broadcast, |session, i, wire| {
+                Box::pin(self.scatter(&shards, &plan, broadcast, |session, i, wire| {
                     let shard = session.conns[i].key.shard;
                     match split
                         .as_ref()
@@ -985,7 +985,7 @@ impl Session {
                     Ok(vec![Kind::Query {
                         changes: Vec::new(),
                     }])
-                })
+                }))
                 .await
             }
         }
@@ -2350,7 +2350,7 @@ impl Session {
                 self.tx_changes.extend(changes)
             }
             Kind::Query { changes } => {
-                if !self.conns[i].query_failed {
+                if !changes.is_empty() && !self.conns[i].query_failed {
                     self.tx_changes.extend(changes);
                 }
                 self.conns[i].query_failed = false;
@@ -2395,11 +2395,13 @@ impl Session {
             }
             return;
         }
-        if held.last_tag != b"ROLLBACK" {
-            let changes = std::mem::take(&mut self.tx_changes);
-            self.settings.apply(&changes);
+        if !self.tx_changes.is_empty() {
+            if held.last_tag != b"ROLLBACK" {
+                let changes = std::mem::take(&mut self.tx_changes);
+                self.settings.apply(&changes);
+            }
+            self.tx_changes.clear();
         }
-        self.tx_changes.clear();
         held.conn.settings = self.settings.fingerprint();
         if self.tx.is_some() && was_begun && !self.conns.iter().any(|h| h.begun) {
             // COMMIT or ROLLBACK inside a query the router passed through.
