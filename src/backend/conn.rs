@@ -1,6 +1,6 @@
 //! One connection to a Postgres server: connect, startup, authenticate, then raw frames.
 
-use std::collections::HashSet;
+use rustc_hash::FxHashSet;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
@@ -40,8 +40,9 @@ pub struct ServerConn {
     pub key: CancelKey,
     /// ParameterStatus values reported at startup.
     pub params: Vec<(String, String)>,
-    /// Proxy-owned prepared statements (by registry id) that exist on this server.
-    pub prepared: HashSet<u64>,
+    /// Proxy-owned prepared statements (by registry id) that exist on this server. Looked up
+    /// on every Bind of a named statement: a fast hash, as the ids are the proxy's own.
+    pub prepared: FxHashSet<u64>,
     /// Fingerprint of the session settings applied on this server (0 = server defaults).
     pub settings: u64,
     /// Transaction status from the last ReadyForQuery.
@@ -118,7 +119,7 @@ impl ServerConn {
                 secret,
             },
             params,
-            prepared: HashSet::new(),
+            prepared: FxHashSet::default(),
             settings: 0,
             status: TxStatus::Idle,
             broken: false,

@@ -37,6 +37,8 @@ use super::Login;
 use super::copy;
 use super::settings::{Change, Settings};
 use crate::backend::health::InFlight;
+use rustc_hash::FxHashMap;
+
 use crate::backend::{self, PooledConn};
 use crate::config::PoolMode;
 use crate::merge::{self, Merger};
@@ -225,7 +227,9 @@ pub struct Session {
     out: BytesMut,
     conns: Vec<Held>,
     batch: Vec<Frame>,
-    statements: HashMap<Bytes, Arc<Statement>>,
+    /// The client's named statements. Looked up on every Bind: a fast hash (a client choosing
+    /// colliding names slows only its own session).
+    statements: FxHashMap<Bytes, Arc<Statement>>,
     unnamed: Option<Unnamed>,
     portal_changes: Vec<Change>,
     settings: Settings,
@@ -451,7 +455,7 @@ impl Session {
             out: BytesMut::with_capacity(8 * 1024),
             conns: Vec::new(),
             batch: Vec::new(),
-            statements: HashMap::new(),
+            statements: FxHashMap::default(),
             unnamed: None,
             portal_changes: Vec::new(),
             settings: login.settings,
