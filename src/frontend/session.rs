@@ -29,6 +29,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use rustc_hash::FxHashMap;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, warn};
@@ -37,8 +38,6 @@ use super::Login;
 use super::copy;
 use super::settings::{Change, Settings};
 use crate::backend::health::InFlight;
-use rustc_hash::FxHashMap;
-
 use crate::backend::{self, PooledConn};
 use crate::config::PoolMode;
 use crate::merge::{self, Merger};
