@@ -14,13 +14,12 @@ pub(super) enum Local {
 pub(super) fn next_id_call(sql: &[u8]) -> Option<String> {
     // Every query comes through here: the start of the one shape answered rules the others out
     // before any scan or UTF-8 check.
-    let rest = sql.trim_ascii_start();
+    let rest = skip_space(sql);
     let called = sql.len() <= 128
         && rest
             .get(..6)
             .is_some_and(|w| w.eq_ignore_ascii_case(b"select"))
-        && rest[6..]
-            .trim_ascii_start()
+        && skip_space(&rest[6..])
             .get(..15)
             .is_some_and(|w| w.eq_ignore_ascii_case(b"tessera_next_id"));
     if !called {
@@ -39,6 +38,16 @@ pub(super) fn next_id_call(sql: &[u8]) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// `sql` past its leading whitespace, as Postgres' scanner counts it (vertical tab included,
+/// which PostgreSQL 16 accepts).
+fn skip_space(sql: &[u8]) -> &[u8] {
+    let n = sql
+        .iter()
+        .position(|c| !matches!(c, b' ' | b'\t' | b'\n' | b'\r' | b'\x0b' | b'\x0c'))
+        .unwrap_or(sql.len());
+    &sql[n..]
 }
 
 pub(super) fn mentions_next_id(text: &[u8]) -> bool {
@@ -262,5 +271,9 @@ mod tests {
         );
         assert_eq!(next_id_call(b"SELECT tessera_next_id"), None);
         assert_eq!(next_id_call("SELECT é".as_bytes()), None);
+        assert_eq!(
+            next_id_call(b"\x0bSELECT\x0btessera_next_id()").as_deref(),
+            Some("tessera_next_id")
+        );
     }
 }
