@@ -390,6 +390,76 @@ async fn server_parameters_are_relayed() {
     );
 }
 
+/// Settings through the extended protocol, whose replies the relay reads in place: the same
+/// unnamed SET sent twice is tracked both times, a SET whose transaction ends in ROLLBACK is not
+/// replayed, one that commits is, and another client on the one pooled connection sees neither.
+#[tokio::test(flavor = "multi_thread")]
+async fn extended_protocol_settings_follow_commit_and_rollback() {
+    let proxy = Proxy::start(|c| c.pool.size = 1).await;
+    let mut a = raw::Raw::login(proxy.port).await;
+    let b = proxy.connect().await;
+    let run = |sql: &str| {
+        [
+            raw::parse("", sql),
+            raw::bind("", "", &[]),
+            raw::describe(b'P', ""),
+            raw::execute("", 0),
+            raw::sync(),
+        ]
+        .concat()
+    };
+    async fn show(a: &mut raw::Raw, batch: &[u8]) -> String {
+        a.send(batch).await;
+        let msgs = a.until_ready().await;
+        msgs.iter()
+            .find_map(raw::Msg::col0)
+            .unwrap_or_else(|| panic!("no row: {}", raw::explain(&msgs)))
+    }
+    let show_timeout = run("SHOW statement_timeout");
+    for _ in 0..2 {
+        a.send(&run("SET statement_timeout = '4321ms'")).await;
+        let msgs = a.until_ready().await;
+        assert_eq!(raw::tags(&msgs), "12nCZ", "{}", raw::explain(&msgs));
+        b.query_one("SELECT 1", &[])
+            .await
+            .expect("b uses the connection");
+        assert_eq!(show(&mut a, &show_timeout).await, "4321ms");
+    }
+    // Rolled back: not replayed.
+    for sql in ["BEGIN", "SET statement_timeout = '1s'", "ROLLBACK"] {
+        a.send(&run(sql)).await;
+        let msgs = a.until_ready().await;
+        assert!(
+            msgs.iter().all(|m| m.tag != b'E'),
+            "{sql}: {}",
+            raw::explain(&msgs)
+        );
+    }
+    b.query_one("SELECT 1", &[])
+        .await
+        .expect("b uses the connection");
+    assert_eq!(show(&mut a, &show_timeout).await, "4321ms");
+    // Committed: replayed.
+    for sql in ["BEGIN", "SET statement_timeout = '2s'", "COMMIT"] {
+        a.send(&run(sql)).await;
+        let msgs = a.until_ready().await;
+        assert!(
+            msgs.iter().all(|m| m.tag != b'E'),
+            "{sql}: {}",
+            raw::explain(&msgs)
+        );
+    }
+    b.query_one("SELECT 1", &[])
+        .await
+        .expect("b uses the connection");
+    assert_eq!(show(&mut a, &show_timeout).await, "2s");
+    let row = b
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .expect("show b");
+    assert_eq!(row.get::<_, String>(0), "0", "a's setting leaked to b");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn copy_through_the_extended_protocol() {
     use futures::{SinkExt, TryStreamExt};
