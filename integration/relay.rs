@@ -549,6 +549,113 @@ async fn pipelined_and_unnamed_statements() {
     );
 }
 
+/// A pipeline reaches the proxy whole, split across reads, back to back with the next one, or
+/// ended by Flush: the replies are the same, and an error skips only to its own Sync.
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelines_arriving_whole_split_or_back_to_back() {
+    let proxy = Proxy::start(|c| c.pool.size = 1).await;
+    let mut a = raw::Raw::login(proxy.port).await;
+    let times = |n: &str, describe: bool| {
+        let mut run = vec![
+            raw::parse("", "SELECT $1::int * 3"),
+            raw::bind("", "", &[n]),
+        ];
+        if describe {
+            run.push(raw::describe(b'P', ""));
+        }
+        run.extend([raw::execute("", 0), raw::sync()]);
+        run.concat()
+    };
+    let value = |msgs: &[raw::Msg]| msgs.iter().find_map(raw::Msg::col0);
+
+    // Whole in one write.
+    a.send(&times("7", true)).await;
+    let msgs = a.until_ready().await;
+    assert_eq!(raw::tags(&msgs), "12TDCZ", "{}", raw::explain(&msgs));
+    assert_eq!(value(&msgs).as_deref(), Some("21"));
+
+    // Split inside a message, and again inside the next one.
+    let whole = times("8", true);
+    for cut in [9, 20, whole.len() - 2] {
+        a.send(&whole[..cut]).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        a.send(&whole[cut..]).await;
+        let msgs = a.until_ready().await;
+        assert_eq!(
+            raw::tags(&msgs),
+            "12TDCZ",
+            "cut at {cut}: {}",
+            raw::explain(&msgs)
+        );
+        assert_eq!(value(&msgs).as_deref(), Some("24"));
+    }
+
+    // Back to back in one write, the first failing: its error skips to its own Sync only.
+    let failing = [
+        raw::parse("", "SELECT 1 / $1::int"),
+        raw::bind("", "", &["0"]),
+        raw::execute("", 0),
+        raw::sync(),
+    ]
+    .concat();
+    a.send(&[failing, times("10", false), times("11", false)].concat())
+        .await;
+    let first = a.until_ready().await;
+    // (Postgres folds the constant division when it plans at Bind, so Bind fails.)
+    assert_eq!(raw::tags(&first), "1EZ", "{}", raw::explain(&first));
+    assert_eq!(first[1].code().as_deref(), Some("22012"));
+    let second = a.until_ready().await;
+    assert_eq!(raw::tags(&second), "12DCZ", "{}", raw::explain(&second));
+    assert_eq!(value(&second).as_deref(), Some("30"));
+    let third = a.until_ready().await;
+    assert_eq!(
+        value(&third).as_deref(),
+        Some("33"),
+        "{}",
+        raw::explain(&third)
+    );
+
+    // A statement the proxy answers itself, then one for the server, in one write.
+    let next_id = [
+        raw::parse("", "SELECT tessera_next_id()"),
+        raw::bind("", "", &[]),
+        raw::execute("", 0),
+        raw::sync(),
+    ]
+    .concat();
+    a.send(&[next_id, times("12", false)].concat()).await;
+    let local = a.until_ready().await;
+    assert_eq!(raw::tags(&local), "12DCZ", "{}", raw::explain(&local));
+    let id: i64 = value(&local).expect("an id").parse().expect("a number");
+    assert!(id > 0);
+    let server = a.until_ready().await;
+    assert_eq!(
+        value(&server).as_deref(),
+        Some("36"),
+        "{}",
+        raw::explain(&server)
+    );
+
+    // Ended by Flush: the replies come without ReadyForQuery, which the Sync then brings.
+    let flushed = [
+        raw::parse("", "SELECT $1::int * 3"),
+        raw::bind("", "", &["13"]),
+        raw::execute("", 0),
+        raw::flush(),
+    ]
+    .concat();
+    a.send(&flushed).await;
+    let mut got = Vec::new();
+    while got.last().is_none_or(|m: &raw::Msg| m.tag != b'C') {
+        got.push(a.read().await);
+    }
+    assert_eq!(raw::tags(&got), "12DC", "{}", raw::explain(&got));
+    assert_eq!(value(&got).as_deref(), Some("39"));
+    a.send(&raw::sync()).await;
+    let end = a.until_ready().await;
+    assert_eq!(raw::tags(&end), "Z");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn deallocate_and_discard_are_handled() {
     let proxy = Proxy::start(|c| c.pool.size = 1).await;

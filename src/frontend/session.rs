@@ -211,6 +211,7 @@ struct Merge {
 
 /// The client's unnamed prepared statement.
 struct Unnamed {
+    /// The Parse message, copied out of the client's read buffer so it keeps none of it alive.
     parse: Bytes,
     /// None when the router passes everything through (nothing to plan).
     analysis: Option<Arc<Analysis>>,
@@ -434,7 +435,8 @@ enum End {
 }
 
 enum Event {
-    Client(Result<Frame, protocol::Error>),
+    /// A whole message (or more) is buffered from the client.
+    Client(Result<(), protocol::Error>),
     /// A whole message (or more) is buffered from the polled server connection.
     Server(Result<(), protocol::Error>),
 }
@@ -508,7 +510,7 @@ impl Session {
                     let held = &mut self.conns[i];
                     tokio::select! {
                         biased;
-                        r = self.client.next() => Event::Client(r),
+                        r = self.client.ready() => Event::Client(r),
                         r = held.conn.reader.ready() => Event::Server(r),
                         () = &mut shutdown => {
                             super::fatal_error(&mut self.out, "57P01", "terminating connection due to administrator command");
@@ -521,12 +523,12 @@ impl Session {
                     tokio::select! {
                         biased;
                         r = held.conn.reader.ready() => Event::Server(r),
-                        r = self.client.next() => Event::Client(r),
+                        r = self.client.ready() => Event::Client(r),
                     }
                 }
                 None => tokio::select! {
                     biased;
-                    r = self.client.next() => Event::Client(r),
+                    r = self.client.ready() => Event::Client(r),
                     () = &mut shutdown => {
                         super::fatal_error(&mut self.out, "57P01", "terminating connection due to administrator command");
                         return End::Fatal;
@@ -534,7 +536,7 @@ impl Session {
                 },
             };
             let step = match event {
-                Event::Client(Ok(frame)) => self.on_client(frame).await,
+                Event::Client(Ok(())) => self.on_client_ready().await,
                 Event::Client(Err(e)) => Err(self.client_error(e)),
                 Event::Server(Ok(())) => {
                     let i =
@@ -645,7 +647,22 @@ impl Session {
                 let Some(Expect::Reply { kind, forward }) = held.expect.pop_front() else {
                     unreachable!("head checked above");
                 };
-                self.completed(i, kind, t, forward);
+                // Most replies change nothing the session tracks: what completed() does for
+                // them, without the call.
+                let untracked = forward
+                    && match &kind {
+                        Kind::Parse { .. } | Kind::Bind | Kind::Describe { .. } | Kind::Close => {
+                            true
+                        }
+                        Kind::Execute { changes } => changes.is_empty(),
+                        _ => false,
+                    };
+                if untracked {
+                    drop(kind);
+                    pop_synthetic(held, &mut self.out, None);
+                } else {
+                    self.completed(i, kind, t, forward);
+                }
             }
             if self.pending() != Some(i) {
                 return relayed;
@@ -752,6 +769,30 @@ impl Session {
     }
 
     // === client messages ===
+
+    /// The client's buffered messages: an extended-protocol pipeline whole up to its Sync (or
+    /// Flush) is taken in one piece; anything else one message at a time.
+    async fn on_client_ready(&mut self) -> Result<(), End> {
+        use tag::*;
+        if self.batch.is_empty()
+            && !self.skip_until_sync
+            && matches!(
+                self.client.peek_tag(),
+                Some(PARSE | BIND | DESCRIBE | EXECUTE | CLOSE)
+            )
+            && let Some(run) = self.client.take_run(
+                |t| matches!(t, PARSE | BIND | DESCRIBE | EXECUTE | CLOSE),
+                |t| matches!(t, SYNC | FLUSH),
+            )
+        {
+            return self.run_pipeline(run).await;
+        }
+        match self.client.try_next() {
+            Ok(Some(frame)) => self.on_client(frame).await,
+            Ok(None) => Ok(()), // (ready() saw a whole message)
+            Err(e) => Err(self.client_error(e)),
+        }
+    }
 
     async fn on_client(&mut self, frame: Frame) -> Result<(), End> {
         match frame.tag() {
@@ -1583,6 +1624,29 @@ impl Session {
 
     // === extended protocol ===
 
+    /// A pipeline taken whole from the client's buffer (see [`Session::on_client_ready`]).
+    /// With nothing to plan and nothing the proxy answers itself, its messages go through
+    /// [`Session::passthrough`] straight from that one buffer; otherwise it becomes a batch
+    /// of frames like any other.
+    async fn run_pipeline(&mut self, run: Bytes) -> Result<(), End> {
+        let has_sync = protocol::messages(&run)
+            .last()
+            .is_some_and(|m| m[0] == tag::SYNC);
+        if self.shared.router.passthrough()
+            && self.local_statements.is_empty()
+            && !protocol::messages(&run).any(|m| m[0] == tag::PARSE && self.may_answer(m))
+        {
+            return self.passthrough(protocol::messages(&run), has_sync).await;
+        }
+        let mut at = 0;
+        for msg in protocol::messages(&run) {
+            self.batch
+                .push(Frame::from_bytes(run.slice(at..at + msg.len())));
+            at += msg.len();
+        }
+        self.run_batch().await
+    }
+
     /// Sends a buffered extended-protocol batch (ending in Sync or Flush), routing each
     /// Bind by its statement and values.
     async fn run_batch(&mut self) -> Result<(), End> {
@@ -1828,7 +1892,7 @@ impl Session {
             if let Some(plan) = &targets[n] {
                 self.conns[i].wrote |= plan.writes;
             }
-            if let Err(e) = self.batch_message(i, frame, &mut wire) {
+            if let Err(e) = self.batch_message(i, frame.bytes(), &mut wire) {
                 return Err(self.client_error(e));
             }
         }
@@ -1848,11 +1912,25 @@ impl Session {
         mut batch: Vec<Frame>,
         has_sync: bool,
     ) -> Result<(), End> {
+        let sent = self
+            .passthrough(batch.iter().map(|f| &f.bytes()[..]), has_sync)
+            .await;
+        batch.clear();
+        self.spare_batch = batch;
+        sent
+    }
+
+    /// [`Session::passthrough_batch`] for messages (each whole, with type and length) from
+    /// wherever they were read.
+    async fn passthrough<'a>(
+        &mut self,
+        messages: impl Iterator<Item = &'a [u8]>,
+        has_sync: bool,
+    ) -> Result<(), End> {
         let mut wire = std::mem::take(&mut self.spare_wire);
-        wire.reserve(batch.iter().map(|f| f.bytes().len()).sum());
         let mut current = None;
-        for frame in batch.drain(..) {
-            if self.skip_until_sync && frame.tag() != tag::SYNC {
+        for msg in messages {
+            if self.skip_until_sync && msg[0] != tag::SYNC {
                 continue;
             }
             let i = match current {
@@ -1866,11 +1944,10 @@ impl Session {
                     }
                 },
             };
-            if let Err(e) = self.batch_message(i, frame, &mut wire) {
+            if let Err(e) = self.batch_message(i, msg, &mut wire) {
                 return Err(self.client_error(e));
             }
         }
-        self.spare_batch = batch;
         let sent = self.send_batch(current, &wire).await;
         if wire.capacity() <= SPARE_WIRE_MAX {
             wire.clear();
@@ -2011,16 +2088,16 @@ impl Session {
     fn batch_message(
         &mut self,
         i: usize,
-        frame: Frame,
+        msg: &[u8],
         wire: &mut BytesMut,
     ) -> Result<(), protocol::Error> {
         let reply = |kind| Expect::Reply {
             kind,
             forward: true,
         };
-        match frame.tag() {
+        match msg[0] {
             tag::PARSE => {
-                let parse = decode::parse(frame.body())?;
+                let parse = decode::parse(&msg[5..])?;
                 if !self.local_statements.is_empty() {
                     self.local_statements.remove(parse.name);
                 }
@@ -2030,10 +2107,10 @@ impl Session {
                     let known = self
                         .unnamed
                         .as_ref()
-                        .is_some_and(|u| u.parse[..] == frame.bytes()[..]);
+                        .is_some_and(|u| u.parse[..] == msg[..]);
                     if !known {
                         self.unnamed = Some(Unnamed {
-                            parse: frame.bytes().clone(),
+                            parse: Bytes::copy_from_slice(msg),
                             analysis: (!self.shared.router.passthrough())
                                 .then(|| self.shared.router.analyze(&decode::text(parse.query))),
                             types: crate::server::parse_param_types(parse.param_types),
@@ -2042,7 +2119,7 @@ impl Session {
                     }
                     let held = &mut self.conns[i];
                     held.unnamed_ready = true;
-                    wire.extend_from_slice(frame.bytes());
+                    wire.extend_from_slice(msg);
                     held.expect.push_back(reply(Kind::Parse {
                         stmt: None,
                         client: None,
@@ -2075,14 +2152,14 @@ impl Session {
                 self.statements.insert(name, stmt);
             }
             tag::BIND => {
-                let bind = decode::bind(frame.body())?;
+                let bind = decode::bind(&msg[5..])?;
                 if !self.local_portals.is_empty() {
                     self.local_portals.remove(bind.portal);
                 }
                 let portal_unnamed = bind.portal.is_empty();
                 if bind.statement.is_empty() {
                     self.ensure_unnamed(i, wire);
-                    wire.extend_from_slice(frame.bytes());
+                    wire.extend_from_slice(msg);
                     if portal_unnamed {
                         self.portal_changes.clear();
                         if let Some(u) = &self.unnamed {
@@ -2107,7 +2184,7 @@ impl Session {
                 self.conns[i].expect.push_back(reply(Kind::Bind));
             }
             tag::DESCRIBE => {
-                let (kind, name) = decode::target(frame.body(), "Describe")?;
+                let (kind, name) = decode::target(&msg[5..], "Describe")?;
                 let mut described = None;
                 if kind == b'S' && !name.is_empty() {
                     let Some(stmt) = self.lookup(i, name) else {
@@ -2123,7 +2200,7 @@ impl Session {
                     if kind == b'S' {
                         self.ensure_unnamed(i, wire);
                     }
-                    wire.extend_from_slice(frame.bytes());
+                    wire.extend_from_slice(msg);
                 }
                 self.conns[i].expect.push_back(reply(Kind::Describe {
                     stmt: described,
@@ -2131,19 +2208,19 @@ impl Session {
                 }));
             }
             tag::EXECUTE => {
-                let (portal, _) = decode::cstr(frame.body(), "Execute")?;
+                let (portal, _) = decode::cstr(&msg[5..], "Execute")?;
                 let changes = if portal.is_empty() {
                     std::mem::take(&mut self.portal_changes)
                 } else {
                     Vec::new()
                 };
-                wire.extend_from_slice(frame.bytes());
+                wire.extend_from_slice(msg);
                 self.conns[i]
                     .expect
                     .push_back(reply(Kind::Execute { changes }));
             }
             tag::CLOSE => {
-                let (kind, name) = decode::target(frame.body(), "Close")?;
+                let (kind, name) = decode::target(&msg[5..], "Close")?;
                 if kind == b'S' && !name.is_empty() {
                     // The server-side statement is shared and stays; the client's name goes.
                     self.statements.remove(name);
@@ -2153,16 +2230,16 @@ impl Session {
                         .expect
                         .push_back(Expect::Synthetic(msg.freeze()));
                 } else {
-                    wire.extend_from_slice(frame.bytes());
+                    wire.extend_from_slice(msg);
                     self.conns[i].expect.push_back(reply(Kind::Close));
                 }
             }
             tag::SYNC => {
                 self.skip_until_sync = false;
-                wire.extend_from_slice(frame.bytes());
+                wire.extend_from_slice(msg);
                 self.conns[i].expect.push_back(reply(Kind::Sync));
             }
-            _ => wire.extend_from_slice(frame.bytes()), // Flush
+            _ => wire.extend_from_slice(msg), // Flush
         }
         Ok(())
     }

@@ -72,6 +72,20 @@ impl std::fmt::Debug for Frame {
     }
 }
 
+/// The messages of `run`, whole messages back to back (as [`FrameReader::take_run`] takes them),
+/// each with its type byte and length word. Stops at anything that is not a whole message.
+pub fn messages(run: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = run;
+    std::iter::from_fn(move || {
+        let head = rest.get(..5)?;
+        let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+        let total = usize::try_from(len).ok().filter(|&l| l >= 4)? + 1;
+        let msg = rest.get(..total)?;
+        rest = &rest[total..];
+        Some(msg)
+    })
+}
+
 /// Frontend message type bytes the proxy cares about.
 pub mod tag {
     pub const QUERY: u8 = b'Q';

@@ -1,6 +1,6 @@
 //! Cuts a byte stream into [`Frame`]s with one buffer and no copies.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::{Error, Frame};
@@ -101,6 +101,34 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Drops the first `n` buffered bytes: a message seen with [`FrameReader::peek`].
     pub fn consume(&mut self, n: usize) {
         self.buf.advance(n);
+    }
+
+    /// The whole messages at the front of the buffer whose types `part` accepts, up to and
+    /// including the first one whose type `last` accepts, taken in one piece (one split for a
+    /// client's whole pipeline rather than one per message). None, and nothing taken, when a
+    /// message of another type, one not fully buffered or a malformed length comes first.
+    pub fn take_run(
+        &mut self,
+        part: impl Fn(u8) -> bool,
+        last: impl Fn(u8) -> bool,
+    ) -> Option<Bytes> {
+        let mut end = 0;
+        while let Some(head) = self.buf.get(end..end + 5) {
+            let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+            let Ok(len) = usize::try_from(len) else { break };
+            let total = len + 1;
+            if len < 4 || total > self.max_message || end + total > self.buf.len() {
+                break;
+            }
+            end += total;
+            if last(head[0]) {
+                return Some(self.buf.split_to(end).freeze());
+            }
+            if !part(head[0]) {
+                break;
+            }
+        }
+        None
     }
 
     /// The type of the next message if all of it is already buffered.
@@ -263,6 +291,61 @@ mod tests {
         reader.forward_while(|t| t == b'D', &mut out);
         assert!(out.is_empty());
         assert!(matches!(reader.try_next(), Err(Error::BadLength { .. })));
+    }
+
+    #[tokio::test]
+    async fn takes_a_whole_run_up_to_its_last_message_in_one_piece() {
+        let part = |t| matches!(t, b'P' | b'B' | b'E');
+        let last = |t| t == b'S';
+        let (mut tx, rx) = tokio::io::duplex(256);
+        let mut reader = FrameReader::new(rx, 1024);
+        // Parse, Bind, then an Execute not yet whole: nothing is taken.
+        tx.write_all(b"P\0\0\0\x06\0\0B\0\0\0\x05\x01E\0\0\0\x09\0")
+            .await
+            .expect("write");
+        reader.ready().await.expect("a whole message");
+        assert_eq!(reader.take_run(part, last), None);
+        // Whole up to the Sync, with a Query after it: the run ends at the Sync.
+        tx.write_all(b"\0\0\0\0S\0\0\0\x04Q\0\0\0\x05\0")
+            .await
+            .expect("write");
+        while reader.buffered() < 34 {
+            reader.fill().await.expect("read");
+        }
+        let run = reader.take_run(part, last).expect("a whole run");
+        let tags: Vec<u8> = crate::protocol::messages(&run).map(|m| m[0]).collect();
+        assert_eq!(tags, b"PBES");
+        assert_eq!(reader.peek_tag(), Some(b'Q'));
+        // A message of another type first: nothing taken, the Query is still next.
+        assert_eq!(reader.take_run(part, last), None);
+        assert_eq!(
+            reader.try_next().expect("valid").expect("whole").tag(),
+            b'Q'
+        );
+        // A bad length inside the run: nothing taken, try_next reports it.
+        tx.write_all(b"P\0\0\0\x06\0\0B\0\0\0\x02S\0\0\0\x04")
+            .await
+            .expect("write");
+        while reader.buffered() < 17 {
+            reader.fill().await.expect("read");
+        }
+        assert_eq!(reader.take_run(part, last), None);
+        reader.try_next().expect("the Parse is fine");
+        assert!(matches!(reader.try_next(), Err(Error::BadLength { .. })));
+    }
+
+    #[test]
+    fn messages_stop_at_anything_not_whole() {
+        let tags = |b: &[u8]| -> Vec<u8> { crate::protocol::messages(b).map(|m| m[0]).collect() };
+        assert_eq!(tags(b"S\0\0\0\x04H\0\0\0\x04"), b"SH");
+        assert_eq!(
+            tags(b"S\0\0\0\x04H\0\0\0\x05"),
+            b"S",
+            "second one cut short"
+        );
+        assert_eq!(tags(b"S\0\0\0\x03H\0\0\0\x04"), b"", "a length below 4");
+        assert_eq!(tags(b"S\xff\xff\xff\xff"), b"", "a negative length");
+        assert_eq!(tags(b"S\0\0"), b"");
     }
 
     #[tokio::test]

@@ -363,7 +363,7 @@ impl Session {
                     (Some(m), _) if frame.tag() == tag::BIND => {
                         session.merge_bind(i, frame, m, described, wire)?;
                     }
-                    _ => session.batch_message(i, frame.clone(), wire)?,
+                    _ => session.batch_message(i, frame.bytes(), wire)?,
                 }
             }
             session.conns[i].wrote |= plan.writes;

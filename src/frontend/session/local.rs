@@ -91,6 +91,17 @@ pub(super) fn next_id_row(out: &mut BytesMut, id: i64, format: i16) {
 }
 
 impl Session {
+    /// Whether the proxy might answer this Parse (a whole message) itself: its text mentions
+    /// `tessera_next_id`. The unnamed statement the session already sent to a server with the
+    /// same bytes is known not to be (drivers send it again and again), so it is not scanned.
+    pub(super) fn may_answer(&self, parse: &[u8]) -> bool {
+        let known = self
+            .unnamed
+            .as_ref()
+            .is_some_and(|u| u.parse[..] == parse[..]);
+        !known && mentions_next_id(parse.get(5..).unwrap_or_default())
+    }
+
     /// The batch only prepares, binds, describes and runs `SELECT tessera_next_id()`: the
     /// proxy answers it without a server.
     pub(super) fn answers_locally(&self, batch: &[Frame]) -> Local {
@@ -98,7 +109,7 @@ impl Session {
         if self.local_statements.is_empty()
             && !batch
                 .iter()
-                .any(|f| f.tag() == tag::PARSE && mentions_next_id(f.body()))
+                .any(|f| f.tag() == tag::PARSE && self.may_answer(f.bytes()))
         {
             return Local::None;
         }
