@@ -59,19 +59,17 @@ use local::{Local, next_id_call, next_id_description, next_id_row};
 /// Bind) is freed rather than held for the rest of the session.
 const SPARE_WIRE_MAX: usize = 64 * 1024;
 
-thread_local! {
-    /// The plan of every statement when the router is a passthrough (one shard, no replicas).
-    static PASSTHROUGH: Plan = Plan {
-        fanout: Fanout::One(router::ShardId(0)),
-        replica_ok: false,
-        writes: false,
-        tx: None,
-        reason: Arc::from("single shard, primary only: passthrough"),
-        merge: None,
-        split: None,
-        copy: None,
-    };
-}
+/// The plan of every statement when the router is a passthrough (one shard, no replicas).
+static PASSTHROUGH: std::sync::LazyLock<Plan> = std::sync::LazyLock::new(|| Plan {
+    fanout: Fanout::One(router::ShardId(0)),
+    replica_ok: false,
+    writes: false,
+    tx: None,
+    reason: Arc::from("single shard, primary only: passthrough"),
+    merge: None,
+    split: None,
+    copy: None,
+});
 
 /// What a reply from the server answers.
 #[derive(Debug)]
@@ -903,20 +901,22 @@ impl Session {
             // server-side statement belongs to the proxy and other clients may share it.
             return self.reply_locally(reply);
         }
-        let plan = if self.shared.router.passthrough() {
-            PASSTHROUGH.with(Plan::clone)
+        let routed;
+        let plan: &Plan = if self.shared.router.passthrough() {
+            &PASSTHROUGH
         } else {
             let (analysis, literals) = self.shared.router.analyze_simple(&sql);
-            match self.shared.router.plan_sql(
+            routed = match self.shared.router.plan_sql(
                 &analysis,
                 &Params::from_literals(&literals),
                 Some(&sql),
             ) {
                 Ok(plan) => plan,
                 Err(e) => return self.refuse_statement(&e).await,
-            }
+            };
+            &routed
         };
-        if self.must_settle(&plan) {
+        if self.must_settle(plan) {
             // A statement pipelined behind replies still pending elsewhere in the transaction
             // (or ending it): those replies may abort the transaction, so they come first.
             self.settle().await?;
@@ -962,10 +962,10 @@ impl Session {
         }
         match &plan.fanout {
             &Fanout::One(shard) => {
-                if let Err(e) = self.note_write(&plan, &[shard.0]) {
+                if let Err(e) = self.note_write(plan, &[shard.0]) {
                     return self.refuse_statement(&e).await;
                 }
-                let key = self.choose(shard.0, &plan);
+                let key = self.choose(shard.0, plan);
                 let i = match self.pin(key).await {
                     Ok(i) => i,
                     Err(e) => return self.refuse_request(&e).await,
@@ -993,7 +993,7 @@ impl Session {
             }
             _ if plan.copy.as_ref().is_some_and(|c| !c.to) => {
                 let spec = plan.copy.clone().expect("invariant: matched");
-                Box::pin(self.start_copy_in(&plan, spec, frame)).await
+                Box::pin(self.start_copy_in(plan, spec, frame)).await
             }
             Fanout::Scatter(_) if lex::statements(&sql).len() > 1 => {
                 self.refuse_statement(&router::Error::Unsupported(
@@ -1003,7 +1003,7 @@ impl Session {
             }
             fanout => {
                 let shards = self.fanout_shards(fanout);
-                if let Err(e) = self.note_write(&plan, &shards) {
+                if let Err(e) = self.note_write(plan, &shards) {
                     return self.refuse_statement(&e).await;
                 }
                 let broadcast = matches!(fanout, Fanout::Broadcast);
@@ -1017,7 +1017,7 @@ impl Session {
                 };
                 let split = plan.split.clone();
                 self.copy_out = plan.copy.clone().filter(|c| c.to);
-                Box::pin(self.scatter(&shards, &plan, broadcast, |session, i, wire| {
+                Box::pin(self.scatter(&shards, plan, broadcast, |session, i, wire| {
                     let shard = session.conns[i].key.shard;
                     match split
                         .as_ref()
@@ -2024,7 +2024,7 @@ impl Session {
         overlay: &HashMap<Bytes, (Arc<Analysis>, Vec<u32>, Bytes)>,
     ) -> Result<Plan, router::Error> {
         if self.shared.router.passthrough() {
-            return Ok(PASSTHROUGH.with(Plan::clone));
+            return Ok(Plan::clone(&PASSTHROUGH));
         }
         let bad = |_| router::Error::BadKey("malformed Bind message".into());
         let bind = decode::bind(frame.body()).map_err(bad)?;
