@@ -574,9 +574,20 @@ async fn pipelines_arriving_whole_split_or_back_to_back() {
     assert_eq!(raw::tags(&msgs), "12TDCZ", "{}", raw::explain(&msgs));
     assert_eq!(value(&msgs).as_deref(), Some("21"));
 
-    // Split inside a message, and again inside the next one.
+    // Split inside each message, and between messages.
     let whole = times("8", true);
-    for cut in [9, 20, whole.len() - 2] {
+    let parse = raw::parse("", "SELECT $1::int * 3").len();
+    let bind = raw::bind("", "", &["8"]).len();
+    let describe = raw::describe(b'P', "").len();
+    for cut in [
+        9,
+        parse,
+        parse + 3,
+        parse + bind,
+        parse + bind + describe + 4,
+        whole.len() - 5,
+        whole.len() - 2,
+    ] {
         a.send(&whole[..cut]).await;
         tokio::time::sleep(Duration::from_millis(30)).await;
         a.send(&whole[cut..]).await;
@@ -646,14 +657,64 @@ async fn pipelines_arriving_whole_split_or_back_to_back() {
     .concat();
     a.send(&flushed).await;
     let mut got = Vec::new();
-    while got.last().is_none_or(|m: &raw::Msg| m.tag != b'C') {
-        got.push(a.read().await);
+    for _ in 0..4 {
+        let m = tokio::time::timeout(Duration::from_secs(10), a.read())
+            .await
+            .unwrap_or_else(|_| panic!("no reply to Flush after {}", raw::explain(&got)));
+        got.push(m);
     }
     assert_eq!(raw::tags(&got), "12DC", "{}", raw::explain(&got));
     assert_eq!(value(&got).as_deref(), Some("39"));
     a.send(&raw::sync()).await;
     let end = a.until_ready().await;
     assert_eq!(raw::tags(&end), "Z");
+
+    // An error the proxy raises itself (no such statement) skips the rest up to Sync, and the
+    // pipeline behind it in the same write runs.
+    let unknown = [
+        raw::bind("", "no_such_statement", &[]),
+        raw::execute("", 0),
+        raw::sync(),
+    ]
+    .concat();
+    a.send(&[unknown.clone(), times("14", false)].concat())
+        .await;
+    let failed = a.until_ready().await;
+    assert_eq!(raw::tags(&failed), "EZ", "{}", raw::explain(&failed));
+    assert_eq!(failed[0].code().as_deref(), Some("26000"));
+    let after = a.until_ready().await;
+    assert_eq!(
+        value(&after).as_deref(),
+        Some("42"),
+        "{}",
+        raw::explain(&after)
+    );
+
+    // The same error in a pipeline ended by Flush: what follows is skipped up to the next
+    // Sync, even when it comes in a later write, as Postgres does.
+    let unknown_flushed = [
+        raw::bind("", "no_such_statement", &[]),
+        raw::execute("", 0),
+        raw::flush(),
+    ]
+    .concat();
+    a.send(&unknown_flushed).await;
+    let error = tokio::time::timeout(Duration::from_secs(10), a.read())
+        .await
+        .expect("the error is flushed");
+    assert_eq!(error.code().as_deref(), Some("26000"));
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    a.send(&times("15", false)).await;
+    let skipped = a.until_ready().await;
+    assert_eq!(raw::tags(&skipped), "Z", "{}", raw::explain(&skipped));
+    a.send(&times("16", false)).await;
+    let after = a.until_ready().await;
+    assert_eq!(
+        value(&after).as_deref(),
+        Some("48"),
+        "{}",
+        raw::explain(&after)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
