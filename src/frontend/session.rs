@@ -2085,6 +2085,9 @@ impl Session {
             .plan_sql(&analysis, &params, sql.as_deref())
     }
 
+    /// One extended-protocol message of a batch (`msg` whole: type, length, body) on its way to
+    /// connection `i`: what goes on the wire (the client's names mapped to the proxy's, a Parse
+    /// the connection lacks), and the reply it expects.
     fn batch_message(
         &mut self,
         i: usize,
