@@ -1629,13 +1629,13 @@ impl Session {
     /// [`Session::passthrough`] straight from that one buffer; otherwise it becomes a batch
     /// of frames like any other.
     async fn run_pipeline(&mut self, run: Bytes) -> Result<(), End> {
-        let has_sync = protocol::messages(&run)
-            .last()
-            .is_some_and(|m| m[0] == tag::SYNC);
-        if self.shared.router.passthrough()
-            && self.local_statements.is_empty()
-            && !protocol::messages(&run).any(|m| m[0] == tag::PARSE && self.may_answer(m))
-        {
+        // One look at every message: how the run ends, and whether the proxy may answer one.
+        let (mut has_sync, mut local) = (false, false);
+        for m in protocol::messages(&run) {
+            has_sync = m[0] == tag::SYNC;
+            local |= m[0] == tag::PARSE && self.may_answer(m);
+        }
+        if self.shared.router.passthrough() && self.local_statements.is_empty() && !local {
             return self.passthrough(protocol::messages(&run), has_sync).await;
         }
         let mut at = 0;
