@@ -425,34 +425,29 @@ async fn extended_protocol_settings_follow_commit_and_rollback() {
             .expect("b uses the connection");
         assert_eq!(show(&mut a, &show_timeout).await, "4321ms");
     }
+    // A transaction setting the timeout, each statement its own pipeline; then b uses the
+    // connection, and a's setting is read back.
+    let mut in_transaction = async |set: &str, end: &str| {
+        for sql in ["BEGIN", set, end] {
+            a.send(&run(sql)).await;
+            let msgs = a.until_ready().await;
+            assert!(
+                msgs.iter().all(|m| m.tag != b'E'),
+                "{sql}: {}",
+                raw::explain(&msgs)
+            );
+        }
+        b.query_one("SELECT 1", &[])
+            .await
+            .expect("b uses the connection");
+        show(&mut a, &show_timeout).await
+    };
     // Rolled back: not replayed.
-    for sql in ["BEGIN", "SET statement_timeout = '1s'", "ROLLBACK"] {
-        a.send(&run(sql)).await;
-        let msgs = a.until_ready().await;
-        assert!(
-            msgs.iter().all(|m| m.tag != b'E'),
-            "{sql}: {}",
-            raw::explain(&msgs)
-        );
-    }
-    b.query_one("SELECT 1", &[])
-        .await
-        .expect("b uses the connection");
-    assert_eq!(show(&mut a, &show_timeout).await, "4321ms");
+    let after_rollback = in_transaction("SET statement_timeout = '1s'", "ROLLBACK").await;
+    assert_eq!(after_rollback, "4321ms");
     // Committed: replayed.
-    for sql in ["BEGIN", "SET statement_timeout = '2s'", "COMMIT"] {
-        a.send(&run(sql)).await;
-        let msgs = a.until_ready().await;
-        assert!(
-            msgs.iter().all(|m| m.tag != b'E'),
-            "{sql}: {}",
-            raw::explain(&msgs)
-        );
-    }
-    b.query_one("SELECT 1", &[])
-        .await
-        .expect("b uses the connection");
-    assert_eq!(show(&mut a, &show_timeout).await, "2s");
+    let after_commit = in_transaction("SET statement_timeout = '2s'", "COMMIT").await;
+    assert_eq!(after_commit, "2s");
     let row = b
         .query_one("SHOW statement_timeout", &[])
         .await
