@@ -712,6 +712,52 @@ async fn pipelines_arriving_whole_split_or_back_to_back() {
     );
 }
 
+/// A portal outlives the statement it was bound from until its transaction ends: the same
+/// exchange against Postgres directly (for a plain SELECT) and through the proxy (for
+/// `tessera_next_id()`, which the proxy answers itself) gets the same replies.
+#[tokio::test(flavor = "multi_thread")]
+async fn portals_of_proxy_answered_statements_live_as_long_as_their_transaction() {
+    let proxy = Proxy::start(|_| {}).await;
+    let primary = common::with_cluster(|c| c.shards()[0].primary.port);
+    async fn exchange(port: u16, sql: &str) -> Vec<String> {
+        let mut c = raw::Raw::login(port).await;
+        let mut shapes = Vec::new();
+        let steps = [
+            raw::query("BEGIN"),
+            [raw::parse("s", sql), raw::bind("p", "s", &[]), raw::sync()].concat(),
+            [raw::describe(b'S', "s"), raw::sync()].concat(),
+            raw::query("SELECT 1"),
+            // Closing the statement leaves the portal.
+            [raw::close(b'S', "s"), raw::sync()].concat(),
+            [raw::execute("p", 0), raw::sync()].concat(),
+            raw::query("COMMIT"),
+            // The transaction took the portal with it.
+            [raw::execute("p", 0), raw::sync()].concat(),
+            // Outside a transaction a portal ends at its Sync.
+            [raw::parse("s", sql), raw::bind("q", "s", &[]), raw::sync()].concat(),
+            [raw::execute("q", 0), raw::sync()].concat(),
+            raw::query("SELECT 2"),
+        ];
+        for step in steps {
+            c.send(&step).await;
+            let msgs = c.until_ready().await;
+            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
+            shapes.push(format!("{} {code}", raw::tags(&msgs)));
+        }
+        shapes
+    }
+    let direct = exchange(primary, "SELECT 42::int8").await;
+    let proxied = exchange(proxy.port, "SELECT tessera_next_id()").await;
+    assert_eq!(
+        direct,
+        [
+            "CZ ", "12Z ", "tTZ ", "TDCZ ", "3Z ", "DCZ ", "CZ ", "EZ 34000", "12Z ", "EZ 34000",
+            "TDCZ "
+        ]
+    );
+    assert_eq!(proxied, direct);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn deallocate_and_discard_are_handled() {
     let proxy = Proxy::start(|c| c.pool.size = 1).await;

@@ -169,6 +169,12 @@ pub fn describe(kind: u8, name: &str) -> Vec<u8> {
     msg(b'D', &b)
 }
 
+pub fn close(kind: u8, name: &str) -> Vec<u8> {
+    let mut b = vec![kind];
+    cstr(&mut b, name);
+    msg(b'C', &b)
+}
+
 pub fn execute(portal: &str, max_rows: i32) -> Vec<u8> {
     let mut b = Vec::new();
     cstr(&mut b, portal);

@@ -1148,6 +1148,7 @@ impl Session {
                         ))
                         .await;
                 }
+                self.local_portals.clear();
                 let held: Vec<usize> = (0..self.conns.len()).collect();
                 match held.as_slice() {
                     [] => {
@@ -1635,7 +1636,7 @@ impl Session {
             has_sync = m[0] == tag::SYNC;
             local |= m[0] == tag::PARSE && self.may_answer(m);
         }
-        if self.shared.router.passthrough() && self.local_statements.is_empty() && !local {
+        if self.shared.router.passthrough() && !self.holds_local() && !local {
             return self.passthrough(protocol::messages(&run), has_sync).await;
         }
         let mut at = 0;
@@ -2489,6 +2490,10 @@ impl Session {
         if self.tx.is_some() && was_begun && !self.conns.iter().any(|h| h.begun) {
             // COMMIT or ROLLBACK inside a query the router passed through.
             self.tx = None;
+        }
+        if self.tx.is_none() && !self.local_portals.is_empty() {
+            // Portals end with their transaction, the proxy's own as much as a server's.
+            self.local_portals.clear();
         }
         let held = &mut self.conns[i];
         if held.wrote

@@ -102,11 +102,16 @@ impl Session {
         !known && mentions_next_id(parse.get(5..).unwrap_or_default())
     }
 
+    /// Whether the client has statements or portals the proxy answers itself.
+    pub(super) fn holds_local(&self) -> bool {
+        !self.local_statements.is_empty() || !self.local_portals.is_empty()
+    }
+
     /// The batch only prepares, binds, describes and runs `SELECT tessera_next_id()`: the
     /// proxy answers it without a server.
     pub(super) fn answers_locally(&self, batch: &[Frame]) -> Local {
         // The common case costs one scan of each Parse for the function's name.
-        if self.local_statements.is_empty()
+        if !self.holds_local()
             && !batch
                 .iter()
                 .any(|f| f.tag() == tag::PARSE && self.may_answer(f.bytes()))
@@ -229,6 +234,10 @@ impl Session {
                 tag::SYNC => {
                     self.skip_until_sync = false;
                     let status = self.client_status();
+                    if status == TxStatus::Idle {
+                        // The implicit transaction ends here, and its portals with it.
+                        self.local_portals.clear();
+                    }
                     build::ready_for_query(&mut self.out, status);
                 }
                 _ => {} // Flush: the replies go out with the next flush of the relay loop
