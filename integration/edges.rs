@@ -109,6 +109,60 @@ async fn malformed_input_gets_an_error_and_the_proxy_survives() {
     assert_proxy_works(&proxy).await;
 }
 
+/// A Query with bytes after its text's NUL is malformed: it gets an error and is never run by
+/// its first part, and the session goes on (its transaction aborted), as on Postgres. The
+/// passthrough leaves the answer to the server; the router gives the same one.
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_query_gets_an_error_and_the_session_goes_on() {
+    use common::raw;
+    let t = common::unique("malformed");
+    let one = Proxy::start(|_| {}).await;
+    let sharded = Proxy::start_sharded(|c| {
+        c.sharding.tables.insert(t.clone(), "id".into());
+    })
+    .await;
+    let setup = sharded.connect().await;
+    for sql in [
+        format!("CREATE TABLE {t} (id int PRIMARY KEY)"),
+        format!("INSERT INTO {t} (id) VALUES (1), (2), (3)"),
+    ] {
+        setup.batch_execute(&sql).await.expect("setup");
+    }
+    let primary = common::with_cluster(|c| c.shards()[0].primary.port);
+    // On several shards, a count is merged from a rewritten statement: the one place where a
+    // query could be run by its first part.
+    let body = format!("SELECT count(*) FROM {t}\0SELECT 2\0");
+    let body = body.as_bytes();
+    let mut malformed = vec![b'Q'];
+    malformed.extend_from_slice(&(4 + body.len() as i32).to_be_bytes());
+    malformed.extend_from_slice(body);
+    for (port, what) in [
+        (primary, "Postgres"),
+        (one.port, "one shard"),
+        (sharded.port, "sharded"),
+    ] {
+        let mut c = raw::Raw::login(port).await;
+        let mut step = async |msg: &[u8]| {
+            c.send(msg).await;
+            let msgs = c.until_ready().await;
+            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
+            format!("{} {code}", raw::tags(&msgs))
+        };
+        let replies = [
+            step(&raw::query("BEGIN")).await,
+            step(&malformed).await,
+            step(&raw::query("SELECT 3")).await,
+            step(&raw::query("ROLLBACK")).await,
+            step(&raw::query("SELECT 4")).await,
+        ];
+        assert_eq!(
+            replies,
+            ["CZ ", "EZ 08P01", "EZ 25P02", "CZ ", "TDCZ "],
+            "{what}"
+        );
+    }
+}
+
 /// Logs in with cleartext auth over a raw socket (proxy in `plain` mode is not needed: we use
 /// tokio-postgres for SCRAM, then speak raw frames on a fresh socket via a plain-auth proxy).
 async fn login_raw(addr: &str) -> TcpStream {

@@ -876,7 +876,18 @@ impl Session {
         let body = frame.bytes().slice(5..);
         let text = match decode::query(&body) {
             Ok(text) => text,
-            Err(e) => return Err(self.client_error(e)),
+            // Postgres answers a malformed Query with an error and the session goes on. The one
+            // server of a passthrough says so itself (its text is then looked at as empty: no
+            // command of the proxy's); a router cannot plan it.
+            Err(_) if self.shared.router.passthrough() => &[],
+            Err(_) => {
+                return self
+                    .refuse(
+                        "08P01",
+                        "invalid message format: a Query's text must end it",
+                    )
+                    .await;
+            }
         };
         // Checked as UTF-8 only when something reads it: a passed-through query never is.
         let sql = std::cell::LazyCell::new(|| decode::text(text));

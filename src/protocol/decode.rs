@@ -25,9 +25,14 @@ fn utf8<'a>(bytes: &'a [u8], what: &'static str) -> Result<&'a str, Error> {
     std::str::from_utf8(bytes).map_err(|_| Error::Malformed(what))
 }
 
-/// A simple Query's SQL text.
+/// A simple Query's SQL text: the whole body but its final NUL. Bytes after an earlier NUL
+/// make it malformed, as on Postgres, rather than a query the proxy could plan by its first
+/// part.
 pub fn query(body: &[u8]) -> Result<&[u8], Error> {
-    Ok(cstr(body, "Query")?.0)
+    match cstr(body, "Query")? {
+        (text, []) => Ok(text),
+        _ => Err(Error::Malformed("Query")),
+    }
 }
 
 /// Parse: statement name, SQL, and the parameter-type section left as bytes.
@@ -311,6 +316,15 @@ mod tests {
         assert_eq!(b.portal, b"");
         assert_eq!(b.statement, b"s1");
         assert!(bind(b"p").is_err());
+    }
+
+    #[test]
+    fn query_text_is_the_whole_body() {
+        assert_eq!(query(b"SELECT 1\0").expect("query"), b"SELECT 1");
+        assert_eq!(query(b"\0").expect("empty query"), b"");
+        assert!(query(b"SELECT 1").is_err());
+        assert!(query(b"SELECT 1\0; DROP TABLE t\0").is_err());
+        assert!(query(b"SELECT 1\0\0").is_err());
     }
 
     #[test]
