@@ -151,6 +151,23 @@ impl ServerConn {
         }
         Ok(())
     }
+
+    /// Writes what the socket takes of `bytes` now, without waiting: how much. A request
+    /// almost always fits at once, and the caller then needs no future; it sends the rest, if
+    /// any, with [`ServerConn::send`].
+    ///
+    /// # Errors
+    /// The server went away; the connection is marked broken.
+    pub fn send_now(&mut self, bytes: &[u8]) -> Result<usize, Error> {
+        match self.writer.try_write(bytes) {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => {
+                self.broken = true;
+                Err(Error::io(&self.addr, e))
+            }
+        }
+    }
 }
 
 /// Writes all of `bytes` to a socket (client or server side). A request or a reply almost

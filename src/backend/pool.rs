@@ -113,6 +113,16 @@ impl Pool {
         Pool { inner }
     }
 
+    /// An idle connection, if there is one and nobody waits for one: the usual checkout, with
+    /// no future. [`Pool::get`] does everything else.
+    pub fn try_get(&self) -> Option<PooledConn> {
+        let mut state = self.inner.state.lock();
+        if !state.waiters.is_empty() {
+            return None;
+        }
+        self.inner.take_idle(&mut state)
+    }
+
     /// Checks out a connection: an idle one if there is one and nobody waits (no await), else
     /// a new one if the pool has room, else the next one given back, in turn.
     ///

@@ -1467,7 +1467,13 @@ impl Session {
             kind,
             forward: true,
         });
-        if let Err(e) = held.conn.send(&bytes).await {
+        let sent = match held.conn.send_now(&bytes) {
+            Ok(n) => n,
+            Err(e) => return Err(self.server_lost(i, e)),
+        };
+        if sent < bytes.len()
+            && let Err(e) = held.conn.send(&bytes[sent..]).await
+        {
             return Err(self.server_lost(i, e));
         }
         Ok(())
@@ -1552,7 +1558,11 @@ impl Session {
         } else {
             &shard.replicas[key.server - 1]
         };
-        let mut conn = match pool.get().await {
+        let got = match pool.try_get() {
+            Some(conn) => Ok(conn),
+            None => pool.get().await,
+        };
+        let mut conn = match got {
             Ok(conn) => conn,
             Err(e) if key.server > 0 && self.tx.is_none() => {
                 // A replica that cannot be reached leaves the rotation now (its probe brings it
@@ -1975,8 +1985,13 @@ impl Session {
             return Ok(());
         };
         pop_synthetic(&mut self.conns[i], &mut self.out, self.merge.as_ref());
-        if !wire.is_empty()
-            && let Err(e) = self.conns[i].conn.send(wire).await
+        let conn = &mut self.conns[i].conn;
+        let sent = match conn.send_now(wire) {
+            Ok(n) => n,
+            Err(e) => return Err(self.server_lost(i, e)),
+        };
+        if sent < wire.len()
+            && let Err(e) = conn.send(&wire[sent..]).await
         {
             return Err(self.server_lost(i, e));
         }
