@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rustc_hash::FxHashMap;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -497,7 +497,11 @@ impl Session {
             let active = self.pending();
             // Batch writes to the client: flush only when no further server reply is buffered.
             let more_buffered = active.is_some_and(|i| self.conns[i].conn.reader.has_frame());
-            if !self.out.is_empty() && !more_buffered && self.flush_client().await.is_err() {
+            if !self.out.is_empty()
+                && !more_buffered
+                && (self.flush_client_now().is_err()
+                    || (!self.out.is_empty() && self.flush_client().await.is_err()))
+            {
                 return End::ClientGone;
             }
             // With nothing pending, a held connection (session pooling, an open transaction) is
@@ -666,6 +670,18 @@ impl Session {
                 return relayed;
             }
         }
+    }
+
+    /// Writes what the client's socket takes of the buffered replies now, without a future;
+    /// [`Session::flush_client`] writes the rest, if any.
+    fn flush_client_now(&mut self) -> std::io::Result<()> {
+        match self.writer.try_write(&self.out) {
+            Ok(n) if n == self.out.len() => self.out.clear(),
+            Ok(n) => self.out.advance(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        Ok(())
     }
 
     async fn flush_client(&mut self) -> std::io::Result<()> {
