@@ -150,7 +150,8 @@ struct Held {
 /// A CommandComplete (its body): the tag, kept to tell COMMIT from ROLLBACK later.
 fn note_command(last_tag: &mut Vec<u8>, body: &[u8]) {
     last_tag.clear();
-    if let Ok((command, _)) = decode::cstr(body, "CommandComplete") {
+    // The tag is the whole body but its NUL: no scan for it.
+    if let Some((0, command)) = body.split_last() {
         last_tag.extend_from_slice(command);
     }
 }
@@ -890,12 +891,20 @@ impl Session {
     async fn on_query(&mut self, frame: Frame) -> Result<(), End> {
         // A reference-counted view of the text, so `frame` can move on without a copy.
         let body = frame.bytes().slice(5..);
-        let text = match decode::query(&body) {
+        // The text is the body but its final NUL. A NUL before that makes the message
+        // malformed: the one server of a passthrough finds it itself, so only a router that
+        // plans the text scans for it.
+        let passthrough = self.shared.router.passthrough();
+        let text = match body.split_last() {
+            Some((0, text)) if passthrough => Ok(text),
+            _ => decode::query(&body),
+        };
+        let text = match text {
             Ok(text) => text,
             // Postgres answers a malformed Query with an error and the session goes on. The one
             // server of a passthrough says so itself (its text is then looked at as empty: no
             // command of the proxy's); a router cannot plan it.
-            Err(_) if self.shared.router.passthrough() => &[],
+            Err(_) if passthrough => &[],
             Err(_) => {
                 return self
                     .refuse(
@@ -929,7 +938,7 @@ impl Session {
             return self.reply_locally(reply);
         }
         let routed;
-        let plan: &Plan = if self.shared.router.passthrough() {
+        let plan: &Plan = if passthrough {
             &PASSTHROUGH
         } else {
             let (analysis, literals) = self.shared.router.analyze_simple(&sql);
@@ -963,7 +972,7 @@ impl Session {
             return Box::pin(self.on_tx_command(frame, cmd, &sql)).await;
         }
         // (A passthrough leaves transaction control to the one server, which enforces this.)
-        if self.tx_failed() && !self.shared.router.passthrough() {
+        if self.tx_failed() && !passthrough {
             return self.aborted().await;
         }
         if self.tx.is_some() && ends_transaction_inside(&sql) {
