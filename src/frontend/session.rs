@@ -2152,17 +2152,21 @@ impl Session {
         };
         match msg[0] {
             tag::PARSE => {
+                // Drivers send the same unnamed statement again and again: what was learnt
+                // about it still stands, and the message needs no decoding.
+                let known = self
+                    .unnamed
+                    .as_ref()
+                    .is_some_and(|u| u.parse[..] == msg[..]);
+                if known && self.local_statements.is_empty() {
+                    self.parse_unnamed(i, msg, wire);
+                    return Ok(());
+                }
                 let parse = decode::parse(&msg[5..])?;
                 if !self.local_statements.is_empty() {
                     self.local_statements.remove(parse.name);
                 }
                 if parse.name.is_empty() {
-                    // Drivers send the same unnamed statement again and again: what was learnt
-                    // about it still stands.
-                    let known = self
-                        .unnamed
-                        .as_ref()
-                        .is_some_and(|u| u.parse[..] == msg[..]);
                     if !known {
                         self.unnamed = Some(Unnamed {
                             parse: Bytes::copy_from_slice(msg),
@@ -2172,13 +2176,7 @@ impl Session {
                             changes: super::settings::effects_of(parse.query).changes,
                         });
                     }
-                    let held = &mut self.conns[i];
-                    held.unnamed_ready = true;
-                    wire.extend_from_slice(msg);
-                    held.expect.push_back(reply(Kind::Parse {
-                        stmt: None,
-                        client: None,
-                    }));
+                    self.parse_unnamed(i, msg, wire);
                     return Ok(());
                 }
                 let name = Bytes::copy_from_slice(parse.name);
@@ -2297,6 +2295,20 @@ impl Session {
             _ => wire.extend_from_slice(msg), // Flush
         }
         Ok(())
+    }
+
+    /// Sends a Parse of the unnamed statement (`self.unnamed` already describes it).
+    fn parse_unnamed(&mut self, i: usize, msg: &[u8], wire: &mut BytesMut) {
+        let held = &mut self.conns[i];
+        held.unnamed_ready = true;
+        wire.extend_from_slice(msg);
+        held.expect.push_back(Expect::Reply {
+            kind: Kind::Parse {
+                stmt: None,
+                client: None,
+            },
+            forward: true,
+        });
     }
 
     /// The client's statement by name, or an error queued in its place.
