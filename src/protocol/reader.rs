@@ -1,7 +1,10 @@
 //! Cuts a byte stream into [`Frame`]s with one buffer and no copies.
 
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncRead;
 
 use super::{Error, Frame};
 
@@ -35,12 +38,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// # Errors
     /// I/O errors, a length below 4 or over the size limit (the stream is then unusable).
     pub async fn next(&mut self) -> Result<Frame, Error> {
-        loop {
-            if let Some(total) = self.peek_len()? {
-                return Ok(Frame::from_bytes(self.buf.split_to(total).freeze()));
-            }
-            self.fill().await?;
-        }
+        self.ready().await?;
+        Ok(self
+            .try_next()?
+            .expect("invariant: ready() saw a whole message"))
     }
 
     /// The next message if one is already buffered: no read, no wait.
@@ -57,11 +58,18 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     ///
     /// # Errors
     /// As [`FrameReader::next`].
-    pub async fn ready(&mut self) -> Result<(), Error> {
+    pub fn ready(&mut self) -> impl Future<Output = Result<(), Error>> + '_ {
+        // A plain poll function rather than an async one: the relay polls this for every
+        // message, and nested futures (this, a fill, tokio's read_buf) cost a state machine
+        // each.
+        std::future::poll_fn(move |cx| self.poll_ready(cx))
+    }
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         while self.peek_len()?.is_none() {
-            self.fill().await?;
+            ready!(self.poll_fill(cx))?;
         }
-        Ok(())
+        Poll::Ready(Ok(()))
     }
 
     /// Moves the whole messages at the front of the buffer whose type `plain` accepts into
@@ -193,14 +201,23 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     async fn fill(&mut self) -> Result<(), Error> {
+        std::future::poll_fn(|cx| self.poll_fill(cx)).await
+    }
+
+    /// Reads what the stream has into the buffer (at least one byte, or the end).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
             self.buf.reserve(READ_CHUNK);
         }
-        let n = self.inner.read_buf(&mut self.buf).await?;
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.inner),
+            cx,
+            &mut self.buf
+        ))?;
         if n == 0 {
-            return Err(Error::Closed);
+            return Poll::Ready(Err(Error::Closed));
         }
-        Ok(())
+        Poll::Ready(Ok(()))
     }
 }
 
