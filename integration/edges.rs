@@ -132,10 +132,13 @@ async fn malformed_query_gets_an_error_and_the_session_goes_on() {
     // On several shards, a count is merged from a rewritten statement: the one place where a
     // query could be run by its first part.
     let body = format!("SELECT count(*) FROM {t}\0SELECT 2\0");
-    let body = body.as_bytes();
-    let mut malformed = vec![b'Q'];
-    malformed.extend_from_slice(&(4 + body.len() as i32).to_be_bytes());
-    malformed.extend_from_slice(body);
+    let query = |body: &[u8]| {
+        let mut q = vec![b'Q'];
+        q.extend_from_slice(&(4 + body.len() as i32).to_be_bytes());
+        q.extend_from_slice(body);
+        q
+    };
+    let malformed = query(body.as_bytes());
     for (port, what) in [
         (primary, "Postgres"),
         (one.port, "one shard"),
@@ -153,11 +156,22 @@ async fn malformed_query_gets_an_error_and_the_session_goes_on() {
             step(&malformed).await,
             step(&raw::query("SELECT 3")).await,
             step(&raw::query("ROLLBACK")).await,
+            // No NUL at all, and no text at all.
+            step(&query(b"SELECT 5")).await,
+            step(&query(b"")).await,
+            // A session command before the inner NUL is not acted on: the statement stays.
+            step(&[raw::parse("d", "SELECT 7"), raw::sync()].concat()).await,
+            step(&query(b"DEALLOCATE d --\0x\0")).await,
+            step(&query(b"DISCARD ALL\0x\0")).await,
+            step(&[raw::bind("", "d", &[]), raw::execute("", 0), raw::sync()].concat()).await,
             step(&raw::query("SELECT 4")).await,
         ];
         assert_eq!(
             replies,
-            ["CZ ", "EZ 08P01", "EZ 25P02", "CZ ", "TDCZ "],
+            [
+                "CZ ", "EZ 08P01", "EZ 25P02", "CZ ", "EZ 08P01", "EZ 08P01", "1Z ", "EZ 08P01",
+                "EZ 08P01", "2DCZ ", "TDCZ "
+            ],
             "{what}"
         );
     }

@@ -713,49 +713,112 @@ async fn pipelines_arriving_whole_split_or_back_to_back() {
 }
 
 /// A portal outlives the statement it was bound from until its transaction ends: the same
-/// exchange against Postgres directly (for a plain SELECT) and through the proxy (for
-/// `tessera_next_id()`, which the proxy answers itself) gets the same replies.
+/// exchange against Postgres directly (for a plain SELECT) and through the proxy, on one shard
+/// and on two (for `tessera_next_id()`, which the proxy answers itself), gets the same replies.
 #[tokio::test(flavor = "multi_thread")]
 async fn portals_of_proxy_answered_statements_live_as_long_as_their_transaction() {
-    let proxy = Proxy::start(|_| {}).await;
+    let one = Proxy::start(|_| {}).await;
+    let sharded = Proxy::start_sharded(|_| {}).await;
     let primary = common::with_cluster(|c| c.shards()[0].primary.port);
     async fn exchange(port: u16, sql: &str) -> Vec<String> {
         let mut c = raw::Raw::login(port).await;
-        let mut shapes = Vec::new();
+        // Statement `s` for portal `p`, `sq` for `q` and so on.
+        let bind = |portal: &str| {
+            let stmt = if portal == "p" {
+                "s".to_string()
+            } else {
+                format!("s{portal}")
+            };
+            [
+                raw::parse(&stmt, sql),
+                raw::bind(portal, &stmt, &[]),
+                raw::sync(),
+            ]
+        };
+        let run = |portal: &str| [raw::execute(portal, 0), raw::sync()].concat();
+        // Each step is one write and the number of replies (up to ReadyForQuery) it gets; 0 for
+        // one reply whose error code is not compared.
         let steps = [
-            raw::query("BEGIN"),
-            [raw::parse("s", sql), raw::bind("p", "s", &[]), raw::sync()].concat(),
-            [raw::describe(b'S', "s"), raw::sync()].concat(),
-            raw::query("SELECT 1"),
+            (raw::query("BEGIN"), 1),
+            (bind("p").concat(), 1),
+            ([raw::describe(b'S', "s"), raw::sync()].concat(), 1),
+            (raw::query("SELECT 1"), 1),
             // Closing the statement leaves the portal.
-            [raw::close(b'S', "s"), raw::sync()].concat(),
-            [raw::execute("p", 0), raw::sync()].concat(),
-            raw::query("COMMIT"),
+            ([raw::close(b'S', "s"), raw::sync()].concat(), 1),
+            (run("p"), 1),
+            (raw::query("COMMIT"), 1),
             // The transaction took the portal with it.
-            [raw::execute("p", 0), raw::sync()].concat(),
+            (run("p"), 1),
             // Outside a transaction a portal ends at its Sync.
-            [raw::parse("s", sql), raw::bind("q", "s", &[]), raw::sync()].concat(),
-            [raw::execute("q", 0), raw::sync()].concat(),
-            raw::query("SELECT 2"),
+            (bind("q").concat(), 1),
+            (run("q"), 1),
+            // A COMMIT pipelined with an Execute of the portal: the Execute comes after it.
+            (raw::query("BEGIN"), 1),
+            (bind("r").concat(), 1),
+            ([raw::query("COMMIT"), run("r")].concat(), 2),
+            // A ROLLBACK through the extended protocol ends portals too, also of a transaction
+            // an error aborted.
+            (raw::query("BEGIN"), 1),
+            (bind("t").concat(), 1),
+            // (The code is left out for this one: a sharded router refuses what it cannot
+            // parse with 0A000, where Postgres says 42601.)
+            (raw::query("SELEC 1"), 0),
+            (
+                [
+                    raw::parse("", "ROLLBACK"),
+                    raw::bind("", "", &[]),
+                    raw::execute("", 0),
+                    raw::sync(),
+                ]
+                .concat(),
+                1,
+            ),
+            (run("t"), 1),
+            (raw::query("SELECT 2"), 1),
         ];
-        for step in steps {
+        let mut shapes = Vec::new();
+        for (step, replies) in steps {
             c.send(&step).await;
-            let msgs = c.until_ready().await;
-            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
-            shapes.push(format!("{} {code}", raw::tags(&msgs)));
+            let mut got = Vec::new();
+            for _ in 0..replies.max(1) {
+                let msgs = c.until_ready().await;
+                let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
+                let code = if replies == 0 { String::new() } else { code };
+                got.push(format!("{} {code}", raw::tags(&msgs)));
+            }
+            shapes.push(got.join("|"));
         }
         shapes
     }
     let direct = exchange(primary, "SELECT 42::int8").await;
-    let proxied = exchange(proxy.port, "SELECT tessera_next_id()").await;
     assert_eq!(
         direct,
         [
-            "CZ ", "12Z ", "tTZ ", "TDCZ ", "3Z ", "DCZ ", "CZ ", "EZ 34000", "12Z ", "EZ 34000",
+            "CZ ",
+            "12Z ",
+            "tTZ ",
+            "TDCZ ",
+            "3Z ",
+            "DCZ ",
+            "CZ ",
+            "EZ 34000",
+            "12Z ",
+            "EZ 34000",
+            "CZ ",
+            "12Z ",
+            "CZ |EZ 34000",
+            "CZ ",
+            "12Z ",
+            "EZ ",
+            "12CZ ",
+            "EZ 34000",
             "TDCZ "
         ]
     );
-    assert_eq!(proxied, direct);
+    for (proxy, what) in [(&one, "one shard"), (&sharded, "sharded")] {
+        let proxied = exchange(proxy.port, "SELECT tessera_next_id()").await;
+        assert_eq!(proxied, direct, "{what}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -916,7 +916,17 @@ impl Session {
         };
         // Checked as UTF-8 only when something reads it: a passed-through query never is.
         let sql = std::cell::LazyCell::new(|| decode::text(text));
-        if let Some(column) = next_id_call(text) {
+        let mut next_id = next_id_call(text);
+        let mut effects = super::settings::effects_of(text);
+        if passthrough
+            && (next_id.is_some() || effects != super::settings::Effects::default())
+            && memchr::memchr(0, text).is_some()
+        {
+            // A NUL inside: the server rejects the message whole, so nothing in it (a
+            // DISCARD, a DEALLOCATE, tessera_next_id()) is the proxy's to act on.
+            (next_id, effects) = (None, super::settings::Effects::default());
+        }
+        if let Some(column) = next_id {
             if self.tx_failed() {
                 return self.aborted().await;
             }
@@ -929,7 +939,6 @@ impl Session {
             build::ready_for_query(&mut self.out, status);
             return Ok(());
         }
-        let effects = super::settings::effects_of(text);
         if effects.drops_prepared
             && let Some(reply) = self.deallocate(&sql)
         {
@@ -1700,6 +1709,11 @@ impl Session {
         // The next batch collects into the spare vector, so neither allocates in steady state.
         let mut batch = std::mem::replace(&mut self.batch, std::mem::take(&mut self.spare_batch));
         let has_sync = batch.iter().any(|f| f.tag() == tag::SYNC);
+        if !self.local_portals.is_empty() && self.pending().is_some() {
+            // A reply still pending may end the transaction and the proxy's portals with it
+            // (a pipelined COMMIT): it decides whether this batch's Execute is the proxy's.
+            self.settle().await?;
+        }
         let local = self.answers_locally(&batch);
         if local == Local::Mixed {
             return self.fail_batch("0A000", "tessera_next_id() in one pipeline with other statements: send it with a Sync of its own", has_sync).await;
@@ -2010,6 +2024,9 @@ impl Session {
             return Ok(());
         };
         pop_synthetic(&mut self.conns[i], &mut self.out, self.merge.as_ref());
+        if wire.is_empty() {
+            return Ok(());
+        }
         let conn = &mut self.conns[i].conn;
         let sent = match conn.send_now(wire) {
             Ok(n) => n,

@@ -230,6 +230,8 @@ impl Session {
     /// transaction is over.
     pub(super) fn end_two_phase(&mut self, outcome: &str) {
         self.tx = None;
+        // Portals end with their transaction (also when no server connection took part).
+        self.local_portals.clear();
         for i in 0..self.conns.len() {
             self.conns[i].last_tag = outcome.as_bytes().to_vec();
             self.ready(i);
