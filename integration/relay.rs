@@ -306,6 +306,78 @@ async fn vanished_client_never_leaves_a_dirty_connection() {
     );
 }
 
+/// A client gone while its statement runs, inside a transaction: the proxy finds out when the
+/// reply comes, and the connection (mid-transaction) is closed, not handed on.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_vanishing_while_its_statement_runs_leaves_no_dirty_connection() {
+    let proxy = Proxy::start(|c| c.pool.size = 1).await;
+    let table = unique("vanish_busy");
+    let setup = proxy.connect().await;
+    setup
+        .batch_execute(&format!("CREATE TABLE {table} (id int)"))
+        .await
+        .expect("create");
+    drop(setup);
+    let mut c = raw::Raw::login(proxy.port).await;
+    c.send(&raw::query("BEGIN")).await;
+    assert_eq!(raw::tags(&c.until_ready().await), "CZ");
+    c.send(&raw::query(&format!("INSERT INTO {table} VALUES (1)")))
+        .await;
+    assert_eq!(raw::tags(&c.until_ready().await), "CZ");
+    c.send(&raw::query("SELECT pg_sleep(0.5)")).await;
+    drop(c);
+    let next = proxy.connect().await;
+    let row = next
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .expect("the single pooled connection is usable");
+    assert_eq!(
+        row.get::<_, i64>(0),
+        0,
+        "uncommitted row visible: the transaction leaked"
+    );
+}
+
+/// Requests sent while a reply is pending, each in a write of its own (as a driver that
+/// pipelines sends them): every one is answered, in order, the first time and after.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_sent_while_a_reply_is_pending_are_answered_in_order() {
+    let proxy = Proxy::start(|_| {}).await;
+    let mut c = raw::Raw::login(proxy.port).await;
+    for round in 0..3 {
+        c.send(&raw::query(&format!("SELECT {round}, pg_sleep(0.2)")))
+            .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        c.send(&raw::query(&format!("SELECT {round} + 100"))).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let n = round.to_string();
+        c.send(
+            &[
+                raw::parse("", "SELECT $1::int * 2"),
+                raw::bind("", "", &[&n]),
+                raw::execute("", 0),
+                raw::sync(),
+            ]
+            .concat(),
+        )
+        .await;
+        let mut values = Vec::new();
+        for _ in 0..3 {
+            let msgs = c.until_ready().await;
+            values.push(msgs.iter().find_map(raw::Msg::col0).unwrap_or_default());
+        }
+        assert_eq!(
+            values,
+            [
+                round.to_string(),
+                (round + 100).to_string(),
+                (round * 2).to_string()
+            ],
+            "round {round}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_idle_server_connection_is_replaced() {
     let proxy = Proxy::start(|c| c.pool.size = 1).await;

@@ -65,7 +65,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         std::future::poll_fn(move |cx| self.poll_ready(cx))
     }
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+    /// [`FrameReader::ready`] for a caller that polls by hand.
+    pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         while self.peek_len()?.is_none() {
             ready!(self.poll_fill(cx))?;
         }
