@@ -247,11 +247,6 @@ pub struct Session {
     /// The last passed-through batch's emptied wire buffer, for the next one.
     spare_wire: BytesMut,
     skip_until_sync: bool,
-    /// The client sends requests before the replies to earlier ones came: it is read while
-    /// replies are pending, not only between them (see [`Session::relay`]).
-    pipelines: bool,
-    /// The relay waited on a server without reading the client, which may have sent meanwhile.
-    unread_while_busy: bool,
     merge: Option<Merge>,
     /// Read your writes: the WAL position of this session's last write per shard.
     ryw: HashMap<usize, u64>,
@@ -474,8 +469,6 @@ impl Session {
             spare_tag: Vec::new(),
             spare_wire: BytesMut::new(),
             skip_until_sync: false,
-            pipelines: false,
-            unread_while_busy: false,
             merge: None,
             ryw: HashMap::new(),
             errors: 0,
@@ -530,51 +523,20 @@ impl Session {
                 }
                 Some(i) => {
                     let held = &mut self.conns[i];
-                    // While replies are pending, the client is read only if it pipelines or
-                    // feeds a COPY. Most clients wait for their reply, and watching their
-                    // socket meanwhile costs a registration with the runtime per request.
-                    if self.pipelines
-                        || held.copy_in
-                        || self.copy_in.is_some()
-                        || self.client.has_frame()
-                    {
-                        tokio::select! {
-                            biased;
-                            r = held.conn.reader.ready() => Event::Server(r),
-                            r = self.client.ready() => Event::Client(r),
-                        }
-                    } else {
-                        self.unread_while_busy = true;
-                        Event::Server(held.conn.reader.ready().await)
+                    tokio::select! {
+                        biased;
+                        r = held.conn.reader.ready() => Event::Server(r),
+                        r = self.client.ready() => Event::Client(r),
                     }
                 }
-                None => {
-                    // A client whose request is there the moment its replies are done sent it
-                    // while they were pending: from now on it is read meanwhile too.
-                    let busy = std::mem::take(&mut self.unread_while_busy);
-                    let (client, mut first) = (&mut self.client, true);
-                    let next = std::future::poll_fn(|cx| {
-                        if let Poll::Ready(r) = client.poll_ready(cx) {
-                            return Poll::Ready(Some((Event::Client(r), first)));
-                        }
-                        first = false;
-                        match Pin::new(&mut shutdown).poll(cx) {
-                            Poll::Ready(()) => Poll::Ready(None),
-                            Poll::Pending => Poll::Pending,
-                        }
-                    })
-                    .await;
-                    let Some((event, at_once)) = next else {
-                        super::fatal_error(
-                            &mut self.out,
-                            "57P01",
-                            "terminating connection due to administrator command",
-                        );
+                None => tokio::select! {
+                    biased;
+                    r = self.client.ready() => Event::Client(r),
+                    () = &mut shutdown => {
+                        super::fatal_error(&mut self.out, "57P01", "terminating connection due to administrator command");
                         return End::Fatal;
-                    };
-                    self.pipelines |= busy && at_once;
-                    event
-                }
+                    }
+                },
             };
             let step = match event {
                 Event::Client(Ok(())) => self.on_client_ready().await,

@@ -65,8 +65,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         std::future::poll_fn(move |cx| self.poll_ready(cx))
     }
 
-    /// [`FrameReader::ready`] for a caller that polls by hand.
-    pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         while self.peek_len()?.is_none() {
             ready!(self.poll_fill(cx))?;
         }
