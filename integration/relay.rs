@@ -306,8 +306,9 @@ async fn vanished_client_never_leaves_a_dirty_connection() {
     );
 }
 
-/// A client gone while its statement runs, inside a transaction: the proxy finds out when the
-/// reply comes, and the connection (mid-transaction) is closed, not handed on.
+/// A client gone while its statement runs, inside a transaction: the proxy notices at once
+/// (the statement would take seconds), and the connection (mid-statement, mid-transaction) is
+/// closed, not handed on: the next client gets a fresh one without waiting for the statement.
 #[tokio::test(flavor = "multi_thread")]
 async fn client_vanishing_while_its_statement_runs_leaves_no_dirty_connection() {
     let proxy = Proxy::start(|c| c.pool.size = 1).await;
@@ -324,13 +325,20 @@ async fn client_vanishing_while_its_statement_runs_leaves_no_dirty_connection() 
     c.send(&raw::query(&format!("INSERT INTO {table} VALUES (1)")))
         .await;
     assert_eq!(raw::tags(&c.until_ready().await), "CZ");
-    c.send(&raw::query("SELECT pg_sleep(0.5)")).await;
+    c.send(&raw::query("SELECT pg_sleep(5)")).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     drop(c);
+    let started = Instant::now();
     let next = proxy.connect().await;
     let row = next
         .query_one(&format!("SELECT count(*) FROM {table}"), &[])
         .await
         .expect("the single pooled connection is usable");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the next client waited {:?}: the vanished client's connection was held to the statement's end",
+        started.elapsed()
+    );
     assert_eq!(
         row.get::<_, i64>(0),
         0,
