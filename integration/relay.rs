@@ -576,6 +576,54 @@ async fn copy_through_the_extended_protocol() {
     assert_eq!(n, 1000);
 }
 
+/// COPY data sent right behind the statement, before the server's CopyInResponse, in one write:
+/// loaded as on Postgres; behind a COPY that fails, ignored as on Postgres.
+#[tokio::test(flavor = "multi_thread")]
+async fn copy_data_sent_right_behind_its_statement() {
+    let proxy = Proxy::start(|_| {}).await;
+    let primary = common::with_cluster(|c| c.shards()[0].primary.port);
+    for (port, what) in [(primary, "Postgres"), (proxy.port, "proxy")] {
+        let table = unique("copy_eager");
+        let mut c = raw::Raw::login(port).await;
+        let mut step = async |msg: Vec<u8>| {
+            c.send(&msg).await;
+            let msgs = tokio::time::timeout(Duration::from_secs(10), c.until_ready())
+                .await
+                .unwrap_or_else(|_| panic!("{what}: no ReadyForQuery"));
+            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
+            (
+                format!("{} {code}", raw::tags(&msgs)),
+                msgs.iter().find_map(raw::Msg::col0),
+            )
+        };
+        let eager = |target: &str| {
+            [
+                raw::query(&format!("COPY {target} FROM STDIN")),
+                raw::copy_data(b"1\n"),
+                raw::copy_data(b"2\n"),
+                raw::copy_done(),
+            ]
+            .concat()
+        };
+        let replies = [
+            step(raw::query(&format!("CREATE TABLE {table} (id int)"))).await,
+            step(eager(&table)).await,
+            step(eager(&format!("{table}_missing"))).await,
+            step(raw::query(&format!("SELECT count(*) FROM {table}"))).await,
+        ];
+        assert_eq!(
+            replies,
+            [
+                ("CZ ".to_string(), None),
+                ("GCZ ".to_string(), None),
+                ("EZ 42P01".to_string(), None),
+                ("TDCZ ".to_string(), Some("2".to_string())),
+            ],
+            "{what}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn pipelined_and_unnamed_statements() {
     let proxy = Proxy::start(|c| c.pool.size = 2).await;

@@ -175,6 +175,14 @@ pub fn close(kind: u8, name: &str) -> Vec<u8> {
     msg(b'C', &b)
 }
 
+pub fn copy_data(data: &[u8]) -> Vec<u8> {
+    msg(b'd', data)
+}
+
+pub fn copy_done() -> Vec<u8> {
+    msg(b'c', &[])
+}
+
 pub fn execute(portal: &str, max_rows: i32) -> Vec<u8> {
     let mut b = Vec::new();
     cstr(&mut b, portal);

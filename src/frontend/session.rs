@@ -854,9 +854,13 @@ impl Session {
                 self.on_copy_in(frame).await
             }
             tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
-                // Outside COPY mode Postgres ignores these; so do we.
-                if let Some(i) = self.conns.iter().position(|h| h.copy_in) {
-                    if frame.tag() != tag::COPY_DATA {
+                // To the server in COPY mode; else to the one still answering a request, which
+                // may be the COPY whose CopyInResponse has not come yet (a client may send its
+                // data right behind the statement): Postgres reads it once in COPY mode, and
+                // ignores it if the COPY failed. With nothing pending, ignored, as on Postgres.
+                let copying = self.conns.iter().position(|h| h.copy_in);
+                if let Some(i) = copying.or_else(|| self.pending()) {
+                    if copying.is_some() && frame.tag() != tag::COPY_DATA {
                         self.conns[i].copy_in = false;
                     }
                     if let Err(e) = self.conns[i].conn.send(frame.bytes()).await {
