@@ -672,6 +672,9 @@ async fn pipelines_arriving_whole_split_or_back_to_back() {
         run.concat()
     };
     let value = |msgs: &[raw::Msg]| msgs.iter().find_map(raw::Msg::col0);
+    let assert_value = |msgs: &[raw::Msg], want: &str| {
+        assert_eq!(value(msgs).as_deref(), Some(want), "{}", raw::explain(msgs));
+    };
 
     // Whole in one write.
     a.send(&times("7", true)).await;
@@ -724,12 +727,7 @@ async fn pipelines_arriving_whole_split_or_back_to_back() {
     assert_eq!(raw::tags(&second), "12DCZ", "{}", raw::explain(&second));
     assert_eq!(value(&second).as_deref(), Some("30"));
     let third = a.until_ready().await;
-    assert_eq!(
-        value(&third).as_deref(),
-        Some("33"),
-        "{}",
-        raw::explain(&third)
-    );
+    assert_value(&third, "33");
 
     // A statement the proxy answers itself, then one for the server, in one write.
     let next_id = [
@@ -745,12 +743,7 @@ async fn pipelines_arriving_whole_split_or_back_to_back() {
     let id: i64 = value(&local).expect("an id").parse().expect("a number");
     assert!(id > 0);
     let server = a.until_ready().await;
-    assert_eq!(
-        value(&server).as_deref(),
-        Some("36"),
-        "{}",
-        raw::explain(&server)
-    );
+    assert_value(&server, "36");
 
     // Ended by Flush: the replies come without ReadyForQuery, which the Sync then brings.
     let flushed = [
@@ -788,12 +781,7 @@ async fn pipelines_arriving_whole_split_or_back_to_back() {
     assert_eq!(raw::tags(&failed), "EZ", "{}", raw::explain(&failed));
     assert_eq!(failed[0].code().as_deref(), Some("26000"));
     let after = a.until_ready().await;
-    assert_eq!(
-        value(&after).as_deref(),
-        Some("42"),
-        "{}",
-        raw::explain(&after)
-    );
+    assert_value(&after, "42");
 
     // The same error in a pipeline ended by Flush: what follows is skipped up to the next
     // Sync, even when it comes in a later write, as Postgres does.
@@ -814,12 +802,7 @@ async fn pipelines_arriving_whole_split_or_back_to_back() {
     assert_eq!(raw::tags(&skipped), "Z", "{}", raw::explain(&skipped));
     a.send(&times("16", false)).await;
     let after = a.until_ready().await;
-    assert_eq!(
-        value(&after).as_deref(),
-        Some("48"),
-        "{}",
-        raw::explain(&after)
-    );
+    assert_value(&after, "48");
 }
 
 /// A portal outlives the statement it was bound from until its transaction ends: the same
