@@ -923,7 +923,7 @@ impl Session {
         let mut next_id = next_id_call(text);
         let mut effects = super::settings::effects_of(text);
         if passthrough
-            && (next_id.is_some() || effects != super::settings::Effects::default())
+            && (next_id.is_some() || !effects.is_empty())
             && memchr::memchr(0, text).is_some()
         {
             // A NUL inside: the server rejects the message whole, so nothing in it (a
@@ -1726,7 +1726,7 @@ impl Session {
             if self.tx_failed() {
                 return self.fail_batch("25P02", "current transaction is aborted, commands ignored until end of transaction block", has_sync).await;
             }
-            return self.run_local_batch(batch).await;
+            return Box::pin(self.run_local_batch(batch)).await;
         }
         // A lone Sync with nothing pending needs no server: answer it here.
         if self.pending().is_none() && batch.len() == 1 && has_sync {
@@ -1816,7 +1816,7 @@ impl Session {
                 && plans.len() == 1
                 && batch.last().map(Frame::tag) == Some(tag::SYNC)
             {
-                return self.extended_savepoint(&batch, &begun).await;
+                return Box::pin(self.extended_savepoint(&batch, &begun)).await;
             }
             if matches!(cmd, TxCommand::Commit | TxCommand::Rollback)
                 && self.tx_failed()
@@ -1828,7 +1828,7 @@ impl Session {
                 self.settle().await?;
                 let jobs: Vec<(ConnKey, String)> =
                     begun.iter().map(|k| (*k, "ROLLBACK".to_string())).collect();
-                self.run_injected(&jobs).await?;
+                Box::pin(self.run_injected(&jobs)).await?;
                 self.end_two_phase("ROLLBACK");
                 return self.answer_tx_batch(&batch, Ok("ROLLBACK"));
             }
@@ -1853,12 +1853,12 @@ impl Session {
                 let rollback = self.tx_failed() || cmd == TxCommand::Rollback;
                 let written = self.tx.as_ref().map_or(0, |tx| tx.written.len());
                 let outcome = if !rollback && written > 1 {
-                    self.two_phase().await?.map_or(Ok("COMMIT"), Err)
+                    Box::pin(self.two_phase()).await?.map_or(Ok("COMMIT"), Err)
                 } else {
                     let word = if rollback { "ROLLBACK" } else { "COMMIT" };
                     let jobs: Vec<(ConnKey, String)> =
                         begun.iter().map(|k| (*k, word.to_string())).collect();
-                    let errors = self.run_injected(&jobs).await?;
+                    let errors = Box::pin(self.run_injected(&jobs)).await?;
                     self.end_two_phase(word);
                     match errors.into_iter().flatten().next() {
                         Some(error) => Err(error),
@@ -1874,7 +1874,7 @@ impl Session {
             if binds != 1 {
                 return self.fail_batch("0A000", "not supported across shards: a pipeline of several statements where one spans shards", has_sync).await;
             }
-            return self.scatter_batch(batch, multi).await;
+            return Box::pin(self.scatter_batch(batch, multi)).await;
         }
         for plan in &plans {
             let Fanout::One(shard) = plan.fanout else {

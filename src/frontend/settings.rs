@@ -26,6 +26,13 @@ pub struct Effects {
     pub drops_prepared: bool,
 }
 
+impl Effects {
+    /// Nothing for the proxy to track.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty() && !self.drops_prepared
+    }
+}
+
 /// The session-state effects of a query string as the client sent it: the cheap first look
 /// runs on the bytes, so the common query is never checked as UTF-8 here.
 pub fn effects_of(sql: &[u8]) -> Effects {
@@ -67,24 +74,14 @@ pub fn effects(sql: &str) -> Effects {
 /// statement splitting: only a leading SET/RESET/DISCARD/DEALLOCATE, or a second statement, can
 /// change session state. A leading comment gets the full look.
 fn may_have_effects(b: &[u8]) -> bool {
-    let rest = b.trim_ascii_start();
-    if let Some(b'-' | b'/') = rest.first() {
+    let (word, rest) = lex::lead_word(b);
+    if word.is_empty() && matches!(rest.first(), Some(b'-' | b'/')) {
         return true;
     }
-    // The leading letters (a longer identifier then only costs the full look).
-    let len = rest
+    if [&b"set"[..], b"reset", b"discard", b"deallocate"]
         .iter()
-        .position(|c| !c.is_ascii_alphabetic())
-        .unwrap_or(rest.len());
-    let first = &rest[..len];
-    let command = match len {
-        3 => first.eq_ignore_ascii_case(b"set"),
-        5 => first.eq_ignore_ascii_case(b"reset"),
-        7 => first.eq_ignore_ascii_case(b"discard"),
-        10 => first.eq_ignore_ascii_case(b"deallocate"),
-        _ => false,
-    };
-    if command {
+        .any(|command| lex::word_is(word, command))
+    {
         return true;
     }
     // A semicolon followed by more than whitespace may start another statement.

@@ -310,6 +310,34 @@ fn value_position(prev: u8) -> bool {
     )
 }
 
+/// A query's leading word as the cheap first looks read it, and the text after it: the ASCII
+/// letters past Postgres' whitespace. Empty when the text starts with anything else (a comment,
+/// a parenthesis), which those looks treat on their own.
+pub fn lead_word(sql: &[u8]) -> (&[u8], &[u8]) {
+    let sql = skip_space(sql);
+    let n = sql
+        .iter()
+        .position(|c| !c.is_ascii_alphabetic())
+        .unwrap_or(sql.len());
+    sql.split_at(n)
+}
+
+/// Whether `word`, ASCII letters as `lead_word` gives them, is the lowercase keyword `lower` in
+/// any case: setting bit 5 lowercases a letter, so there is no case table to go through.
+pub fn word_is(word: &[u8], lower: &[u8]) -> bool {
+    word.len() == lower.len() && word.iter().zip(lower).all(|(a, b)| a | 0x20 == *b)
+}
+
+/// `sql` past its leading whitespace, as Postgres' scanner counts it (vertical tab included,
+/// which PostgreSQL 16 accepts).
+pub fn skip_space(sql: &[u8]) -> &[u8] {
+    let n = sql
+        .iter()
+        .position(|c| !matches!(c, b' ' | b'\t' | b'\n' | b'\r' | b'\x0b' | b'\x0c'))
+        .unwrap_or(sql.len());
+    &sql[n..]
+}
+
 /// The first keyword of a statement, lowercased (empty if there is none).
 pub fn first_keyword(stmt: &str) -> String {
     Tokens::new(stmt)
@@ -321,6 +349,18 @@ pub fn first_keyword(stmt: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lead_word_reads_letters_past_whitespace() {
+        assert_eq!(lead_word(b" \x0b\tSELECT 1"), (&b"SELECT"[..], &b" 1"[..]));
+        assert_eq!(lead_word(b"set"), (&b"set"[..], &b""[..]));
+        assert_eq!(lead_word(b"/* c */ SET"), (&b""[..], &b"/* c */ SET"[..]));
+        assert_eq!(lead_word(b""), (&b""[..], &b""[..]));
+        assert!(word_is(b"SeLeCt", b"select"));
+        assert!(!word_is(b"selects", b"select"));
+        assert!(!word_is(b"reset", b"set"));
+        assert!(!word_is(b"", b"set"));
+    }
 
     #[test]
     fn splits_outside_quotes_and_comments() {

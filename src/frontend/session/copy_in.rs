@@ -220,7 +220,7 @@ impl Session {
                         }
                     }
                 }
-                self.gather_finish(&c.conns).await
+                Box::pin(self.gather_finish(&c.conns)).await
             }
             _ => {
                 // CopyFail: every shard fails the COPY with the client's message.
@@ -236,7 +236,7 @@ impl Session {
                         }
                     }
                 }
-                self.gather_finish(&c.conns).await
+                Box::pin(self.gather_finish(&c.conns)).await
             }
         }
     }

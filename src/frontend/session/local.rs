@@ -14,12 +14,10 @@ pub(super) enum Local {
 pub(super) fn next_id_call(sql: &[u8]) -> Option<String> {
     // Every query comes through here: the start of the one shape answered rules the others out
     // before any scan or UTF-8 check.
-    let rest = skip_space(sql);
+    let (word, rest) = lex::lead_word(sql);
     let called = sql.len() <= 128
-        && rest
-            .get(..6)
-            .is_some_and(|w| w.eq_ignore_ascii_case(b"select"))
-        && skip_space(&rest[6..])
+        && lex::word_is(word, b"select")
+        && lex::skip_space(rest)
             .get(..15)
             .is_some_and(|w| w.eq_ignore_ascii_case(b"tessera_next_id"));
     if !called {
@@ -38,16 +36,6 @@ pub(super) fn next_id_call(sql: &[u8]) -> Option<String> {
         }
         _ => None,
     }
-}
-
-/// `sql` past its leading whitespace, as Postgres' scanner counts it (vertical tab included,
-/// which PostgreSQL 16 accepts).
-fn skip_space(sql: &[u8]) -> &[u8] {
-    let n = sql
-        .iter()
-        .position(|c| !matches!(c, b' ' | b'\t' | b'\n' | b'\r' | b'\x0b' | b'\x0c'))
-        .unwrap_or(sql.len());
-    &sql[n..]
 }
 
 pub(super) fn mentions_next_id(text: &[u8]) -> bool {
