@@ -853,9 +853,7 @@ async fn portals_of_proxy_answered_statements_live_as_long_as_their_transaction(
             // an error aborted.
             (raw::query("BEGIN"), 1),
             (bind("t").concat(), 1),
-            // (The code is left out for this one: a sharded router refuses what it cannot
-            // parse with 0A000, where Postgres says 42601.)
-            (raw::query("SELEC 1"), 0),
+            (raw::query("SELEC 1"), 1),
             (
                 [
                     raw::parse("", "ROLLBACK"),
@@ -902,7 +900,7 @@ async fn portals_of_proxy_answered_statements_live_as_long_as_their_transaction(
             "CZ |EZ 34000",
             "CZ ",
             "12Z ",
-            "EZ ",
+            "EZ 42601",
             "12CZ ",
             "EZ 34000",
             "TDCZ "
@@ -911,6 +909,85 @@ async fn portals_of_proxy_answered_statements_live_as_long_as_their_transaction(
     for (proxy, what) in [(&one, "one shard"), (&sharded, "sharded")] {
         let proxied = exchange(proxy.port, "SELECT tessera_next_id()").await;
         assert_eq!(proxied, direct, "{what}");
+    }
+}
+
+/// A statement the router cannot parse, on a database with sharded tables: when Postgres cannot
+/// parse it either, the client gets Postgres' own syntax error (42601, its message and position),
+/// in the simple and the extended protocol, in and out of a transaction, with transaction and
+/// session pooling; the same exchange against Postgres directly gets the same replies. When
+/// Postgres can parse it, the router's refusal (0A000) stands. The session goes on either way.
+#[tokio::test(flavor = "multi_thread")]
+async fn syntax_errors_on_a_sharded_database_are_postgres_own() {
+    let sharded = Proxy::start_sharded(|_| {}).await;
+    let session = Proxy::start_sharded(|c| c.pool.mode = PoolMode::Session).await;
+    let primary = common::with_cluster(|c| c.shards()[0].primary.port);
+    async fn exchange(port: u16) -> Vec<String> {
+        let mut c = raw::Raw::login(port).await;
+        let steps = [
+            raw::query("SELEC 1"),
+            [
+                raw::parse("", "SELECT 1 FROM users WHERE id = (1"),
+                raw::bind("", "", &[]),
+                raw::execute("", 0),
+                raw::sync(),
+            ]
+            .concat(),
+            raw::query("SELECT 2"),
+            raw::query("BEGIN"),
+            raw::query("SELECT 3"),
+            // The transaction holds a connection now, which finds the error.
+            raw::query("SELECT 4 +"),
+            raw::query("SELECT 5"),
+            raw::query("ROLLBACK"),
+            raw::query("SELECT 6"),
+        ];
+        let mut replies = Vec::new();
+        for step in steps {
+            c.send(&step).await;
+            let msgs = c.until_ready().await;
+            let status = msgs.last().map_or(' ', |z| z.body[0] as char);
+            let error = msgs.iter().find(|m| m.tag == b'E');
+            let field = |k| error.and_then(|e| e.field(k)).unwrap_or_default();
+            replies.push(format!(
+                "{} {status} {} {} {}",
+                raw::tags(&msgs),
+                field(b'C'),
+                field(b'M'),
+                field(b'P')
+            ));
+        }
+        replies
+    }
+    let direct = exchange(primary).await;
+    assert_eq!(
+        direct[..3],
+        [
+            "EZ I 42601 syntax error at or near \"SELEC\" 1",
+            "EZ I 42601 syntax error at end of input 34",
+            "TDCZ I   ",
+        ]
+    );
+    assert!(direct[5].starts_with("EZ E 42601"), "{direct:?}");
+    assert!(direct[6].starts_with("EZ E 25P02"), "{direct:?}");
+    for (proxy, what) in [
+        (&sharded, "transaction pooling"),
+        (&session, "session pooling"),
+    ] {
+        assert_eq!(exchange(proxy.port).await, direct, "{what}");
+        // Postgres parses this one, the router does not: refused, and the session goes on.
+        let mut c = raw::Raw::login(proxy.port).await;
+        c.send(&raw::query("SELECT collation for ('a')")).await;
+        let msgs = c.until_ready().await;
+        assert_eq!(
+            msgs[0].code().as_deref(),
+            Some("0A000"),
+            "{what}: {}",
+            raw::explain(&msgs)
+        );
+        c.send(&raw::query("SELECT 7")).await;
+        let msgs = c.until_ready().await;
+        assert_eq!(raw::tags(&msgs), "TDCZ", "{what}: {}", raw::explain(&msgs));
     }
 }
 

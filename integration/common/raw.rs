@@ -36,6 +36,18 @@ impl Msg {
         })
     }
 
+    /// Field `key` of an ErrorResponse or NoticeResponse (`b'M'` the message, `b'P'` the
+    /// position).
+    pub fn field(&self, key: u8) -> Option<String> {
+        if !matches!(self.tag, b'E' | b'N') {
+            return None;
+        }
+        self.body
+            .split(|&b| b == 0)
+            .find_map(|f| f.strip_prefix(&[key]))
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
     /// First column of a DataRow, as text.
     pub fn col0(&self) -> Option<String> {
         let cols = self.cols()?;
@@ -289,13 +301,7 @@ pub fn explain(msgs: &[Msg]) -> String {
         .iter()
         .filter(|m| m.tag == b'E')
         .map(|m| {
-            let field = |k: u8| {
-                m.body
-                    .split(|&b| b == 0)
-                    .find_map(|f| f.strip_prefix(&[k]))
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-                    .unwrap_or_default()
-            };
+            let field = |k: u8| m.field(k).unwrap_or_default();
             format!("{} {}", field(b'C'), field(b'M'))
         })
         .collect();

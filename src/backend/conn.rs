@@ -3,7 +3,7 @@
 use rustc_hash::FxHashSet;
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -137,6 +137,49 @@ impl ServerConn {
         match self.reader.get_mut().try_read(&mut probe) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
             _ => false, // data, EOF or an error: this connection is done
+        }
+    }
+
+    /// Postgres' verdict on `sql` as one statement, without running it: a Parse of the unnamed
+    /// statement, then Sync (which ends the implicit transaction the Parse opened, and nothing
+    /// else). The ErrorResponse if the server refused it. Messages the server sends on its own
+    /// meanwhile (a notification, a notice) go to `unasked`.
+    ///
+    /// # Errors
+    /// The server went away or answered out of protocol; the connection is marked broken.
+    pub async fn parse_check(
+        &mut self,
+        sql: &str,
+        unasked: &mut BytesMut,
+    ) -> Result<Option<Bytes>, Error> {
+        let mut wire = BytesMut::new();
+        build::parse(&mut wire, "", sql);
+        build::sync(&mut wire);
+        self.send(&wire).await?;
+        let mut error = None;
+        loop {
+            let frame = match self.reader.next().await {
+                Ok(frame) => frame,
+                Err(e) => {
+                    self.broken = true;
+                    return Err(Error::protocol(&self.addr, e));
+                }
+            };
+            match frame.tag() {
+                tag::ERROR_RESPONSE => error = Some(frame.into_bytes()),
+                tag::READY_FOR_QUERY => match decode::ready_for_query(frame.body()) {
+                    Ok(status) => {
+                        self.status = status;
+                        return Ok(error);
+                    }
+                    Err(e) => {
+                        self.broken = true;
+                        return Err(Error::protocol(&self.addr, e));
+                    }
+                },
+                tag::PARSE_COMPLETE => {}
+                _ => unasked.extend_from_slice(frame.bytes()),
+            }
         }
     }
 

@@ -50,6 +50,7 @@ use crate::server::{Shared, Statement};
 mod copy_in;
 mod gather;
 mod local;
+mod syntax;
 mod two_phase;
 
 use copy_in::CopyIn;
@@ -961,7 +962,18 @@ impl Session {
                 Some(&sql),
             ) {
                 Ok(plan) => plan,
-                Err(e) => return self.refuse_statement(&e).await,
+                Err(e) => {
+                    // One statement Postgres cannot parse either gets Postgres' own error.
+                    if !analysis.parsed && lex::statements(&sql).len() == 1 {
+                        self.settle().await?;
+                        if let Some(error) = Box::pin(self.syntax_error(&sql)).await {
+                            self.out.extend_from_slice(&error);
+                            self.request_failed();
+                            return Ok(());
+                        }
+                    }
+                    return self.refuse_statement(&e).await;
+                }
             };
             &routed
         };
@@ -1490,12 +1502,18 @@ impl Session {
     async fn refuse(&mut self, code: &str, message: &str) -> Result<(), End> {
         self.settle().await?;
         super::error(&mut self.out, code, message);
+        self.request_failed();
+        Ok(())
+    }
+
+    /// After the error written for a whole request: the transaction, if any, is aborted, and
+    /// the client may go on.
+    fn request_failed(&mut self) {
         if let Some(tx) = self.tx.as_mut() {
             tx.failed = true;
         }
         let status = self.client_status();
         build::ready_for_query(&mut self.out, status);
-        Ok(())
     }
 
     async fn send(&mut self, i: usize, bytes: Bytes, kind: Kind) -> Result<(), End> {
@@ -1762,7 +1780,10 @@ impl Session {
                     Ok(plan) => Some(plan),
                     Err(e) => {
                         self.settle().await?;
-                        super::error(&mut self.out, e.sqlstate(), &e.to_string());
+                        match Box::pin(self.bind_syntax_error(frame, &overlay)).await {
+                            Some(error) => self.out.extend_from_slice(&error),
+                            None => super::error(&mut self.out, e.sqlstate(), &e.to_string()),
+                        }
                         if let Some(tx) = self.tx.as_mut() {
                             tx.failed = true;
                         }

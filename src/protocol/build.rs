@@ -135,6 +135,19 @@ pub fn query(out: &mut BytesMut, sql: &str) {
     message(out, b'Q', |b| cstr(b, sql.as_bytes()));
 }
 
+/// A Parse of `sql` as statement `name`, with no parameter types given.
+pub fn parse(out: &mut BytesMut, name: &str, sql: &str) {
+    message(out, b'P', |b| {
+        cstr(b, name.as_bytes());
+        cstr(b, sql.as_bytes());
+        b.put_i16(0);
+    });
+}
+
+pub fn sync(out: &mut BytesMut) {
+    message(out, b'S', |_| {});
+}
+
 pub fn terminate(out: &mut BytesMut) {
     message(out, b'X', |_| {});
 }
