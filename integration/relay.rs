@@ -866,6 +866,33 @@ async fn portals_of_proxy_answered_statements_live_as_long_as_their_transaction(
             ),
             (run("t"), 1),
             (raw::query("SELECT 2"), 1),
+            // ROLLBACK TO a savepoint ends the portals bound since, RELEASE hands them to the
+            // level around; savepoints set through the simple and the extended protocol.
+            (raw::query("BEGIN"), 1),
+            (bind("u").concat(), 1),
+            (raw::query("SAVEPOINT a"), 1),
+            (bind("v").concat(), 1),
+            (raw::query("SAVEPOINT b"), 1),
+            (bind("w").concat(), 1),
+            (raw::query("RELEASE b"), 1),
+            (
+                [
+                    raw::parse("", "SAVEPOINT c"),
+                    raw::bind("", "", &[]),
+                    raw::execute("", 0),
+                    raw::sync(),
+                ]
+                .concat(),
+                1,
+            ),
+            (bind("x").concat(), 1),
+            (raw::query("ROLLBACK TO c"), 1),
+            (run("w"), 1),
+            (run("x"), 1),
+            (raw::query("ROLLBACK TO SAVEPOINT a"), 1),
+            (run("u"), 1),
+            (run("v"), 1),
+            (raw::query("ROLLBACK"), 1),
         ];
         let mut shapes = Vec::new();
         for (step, replies) in steps {
@@ -903,7 +930,23 @@ async fn portals_of_proxy_answered_statements_live_as_long_as_their_transaction(
             "EZ 42601",
             "12CZ ",
             "EZ 34000",
-            "TDCZ "
+            "TDCZ ",
+            "CZ ",
+            "12Z ",
+            "CZ ",
+            "12Z ",
+            "CZ ",
+            "12Z ",
+            "CZ ",
+            "12CZ ",
+            "12Z ",
+            "CZ ",
+            "DCZ ",
+            "EZ 34000",
+            "CZ ",
+            "DCZ ",
+            "EZ 34000",
+            "CZ "
         ]
     );
     for (proxy, what) in [(&one, "one shard"), (&sharded, "sharded")] {

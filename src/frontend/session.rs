@@ -210,6 +210,17 @@ struct Merge {
 }
 
 /// The client's unnamed prepared statement.
+/// A portal of a statement the proxy answers itself.
+#[derive(Clone, Default)]
+struct LocalPortal {
+    /// The column name the statement returns.
+    column: String,
+    /// The result format the Bind asked for.
+    format: i16,
+    /// Savepoints open when it was bound: a ROLLBACK TO one of those after it ends it.
+    depth: usize,
+}
+
 struct Unnamed {
     /// The Parse message, copied out of the client's read buffer so it keeps none of it alive.
     parse: Bytes,
@@ -258,8 +269,8 @@ pub struct Session {
     /// Statements (by client name) that only call `tessera_next_id()`, answered by the proxy,
     /// with the column name they return.
     local_statements: HashMap<Bytes, String>,
-    /// Portals of those statements: column name and result format.
-    local_portals: HashMap<Bytes, (String, i16)>,
+    /// Portals of those statements.
+    local_portals: HashMap<Bytes, LocalPortal>,
     /// A COPY FROM STDIN being split across shards.
     copy_in: Option<CopyIn>,
     /// The next scatter is a COPY TO STDOUT (its CopyData is concatenated).
@@ -272,6 +283,15 @@ enum SavepointOp {
     Create(String),
     Release(String),
     RollbackTo(String),
+}
+
+/// Whether `text` may hold a savepoint command: a cheap look at its first word.
+fn may_move_savepoints(text: &[u8]) -> bool {
+    let (word, rest) = lex::lead_word(text);
+    (word.is_empty() && matches!(rest.first(), Some(b'-' | b'/')))
+        || ["savepoint", "release", "rollback", "abort"]
+            .iter()
+            .any(|command| lex::word_is(word, command.as_bytes()))
 }
 
 impl SavepointOp {
@@ -984,14 +1004,11 @@ impl Session {
         }
         if self.tx.is_some()
             && plan.tx.is_none()
-            && let [_, _, ..] = lex::statements(&sql).as_slice()
+            && ((passthrough && may_move_savepoints(text)) || lex::statements(&sql).len() > 1)
         {
-            // Savepoints inside a multi-statement query (one shard runs it): keep the stack.
-            for stmt in lex::statements(&sql) {
-                if let Some(op) = SavepointOp::parse(stmt) {
-                    let _ = self.track_savepoint(&op);
-                }
-            }
+            // Savepoints the router leaves to the server (a passthrough's, or inside a
+            // multi-statement query one shard runs): keep the stack.
+            self.note_savepoints(&sql);
         }
         if let Some(cmd) = plan.tx {
             return Box::pin(self.on_tx_command(frame, cmd, &sql)).await;
@@ -1399,6 +1416,15 @@ impl Session {
     }
 
     /// Keeps the transaction's savepoint stack as Postgres does; an error for an unknown name.
+    /// [`Session::track_savepoint`] for the savepoint commands among `sql`'s statements.
+    fn note_savepoints(&mut self, sql: &str) {
+        for stmt in lex::statements(sql) {
+            if let Some(op) = SavepointOp::parse(stmt) {
+                let _ = self.track_savepoint(&op);
+            }
+        }
+    }
+
     fn track_savepoint(&mut self, op: &SavepointOp) -> Result<(), String> {
         let Some(tx) = self.tx.as_mut() else {
             return Ok(());
@@ -1407,9 +1433,17 @@ impl Session {
         let found = tx.savepoints.iter().rposition(|(_, n)| *n == name);
         match (op, found) {
             (SavepointOp::Create(raw), _) => tx.savepoints.push((raw.clone(), name)),
-            (SavepointOp::Release(_), Some(at)) => tx.savepoints.truncate(at),
+            (SavepointOp::Release(_), Some(at)) => {
+                tx.savepoints.truncate(at);
+                // A portal bound inside what is released now belongs to the level around it.
+                for portal in self.local_portals.values_mut() {
+                    portal.depth = portal.depth.min(at);
+                }
+            }
             (SavepointOp::RollbackTo(_), Some(at)) => {
                 tx.savepoints.truncate(at + 1);
+                // As on Postgres, portals bound since the savepoint are gone with what it undoes.
+                self.local_portals.retain(|_, portal| portal.depth <= at);
                 // Rolled back to a point before the error: the transaction goes on.
                 tx.failed = false;
             }
@@ -2030,6 +2064,16 @@ impl Session {
                     }
                 },
             };
+            if self.tx.is_some()
+                && msg[0] == tag::PARSE
+                && let Ok(parse) = decode::parse(&msg[5..])
+                && may_move_savepoints(parse.query)
+                && let Some(op) = SavepointOp::parse(&decode::text(parse.query))
+            {
+                // The one server keeps the savepoints; the stack is kept for the proxy's own
+                // portals, which a ROLLBACK TO ends.
+                let _ = self.track_savepoint(&op);
+            }
             if let Err(e) = self.batch_message(i, msg, &mut wire) {
                 return Err(self.client_error(e));
             }

@@ -183,9 +183,13 @@ impl Session {
                         .get(b.statement)
                         .cloned()
                         .unwrap_or_default();
-                    let format = formats.first().copied().unwrap_or(0);
+                    let portal = LocalPortal {
+                        column,
+                        format: formats.first().copied().unwrap_or(0),
+                        depth: self.tx.as_ref().map_or(0, |tx| tx.savepoints.len()),
+                    };
                     self.local_portals
-                        .insert(Bytes::copy_from_slice(b.portal), (column, format));
+                        .insert(Bytes::copy_from_slice(b.portal), portal);
                     build::message(&mut self.out, b'2', |_| {});
                 }
                 tag::DESCRIBE => {
@@ -196,15 +200,14 @@ impl Session {
                         build::message(&mut self.out, b't', |b| b.put_i16(0));
                         next_id_description(&mut self.out, &column, 0);
                     } else {
-                        let (column, format) =
-                            self.local_portals.get(name).cloned().unwrap_or_default();
-                        next_id_description(&mut self.out, &column, format);
+                        let portal = self.local_portals.get(name).cloned().unwrap_or_default();
+                        next_id_description(&mut self.out, &portal.column, portal.format);
                     }
                 }
                 tag::EXECUTE => {
                     let (name, _) =
                         decode::cstr(body, "Execute").map_err(|e| self.client_error(e))?;
-                    let format = self.local_portals.get(name).map_or(0, |p| p.1);
+                    let format = self.local_portals.get(name).map_or(0, |p| p.format);
                     let id = self.shared.ids.next();
                     next_id_row(&mut self.out, id, format);
                     build::command_complete(&mut self.out, "SELECT 1");
