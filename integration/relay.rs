@@ -829,6 +829,16 @@ async fn portals_of_proxy_answered_statements_live_as_long_as_their_transaction(
             ]
         };
         let run = |portal: &str| [raw::execute(portal, 0), raw::sync()].concat();
+        // A statement through the extended protocol, unnamed.
+        let extended = |sql: &str| {
+            [
+                raw::parse("", sql),
+                raw::bind("", "", &[]),
+                raw::execute("", 0),
+                raw::sync(),
+            ]
+            .concat()
+        };
         // Each step is one write and the number of replies (up to ReadyForQuery) it gets; 0 for
         // one reply whose error code is not compared.
         let steps = [
@@ -854,16 +864,7 @@ async fn portals_of_proxy_answered_statements_live_as_long_as_their_transaction(
             (raw::query("BEGIN"), 1),
             (bind("t").concat(), 1),
             (raw::query("SELEC 1"), 1),
-            (
-                [
-                    raw::parse("", "ROLLBACK"),
-                    raw::bind("", "", &[]),
-                    raw::execute("", 0),
-                    raw::sync(),
-                ]
-                .concat(),
-                1,
-            ),
+            (extended("ROLLBACK"), 1),
             (run("t"), 1),
             (raw::query("SELECT 2"), 1),
             // ROLLBACK TO a savepoint ends the portals bound since, RELEASE hands them to the
@@ -875,16 +876,7 @@ async fn portals_of_proxy_answered_statements_live_as_long_as_their_transaction(
             (raw::query("SAVEPOINT b"), 1),
             (bind("w").concat(), 1),
             (raw::query("RELEASE b"), 1),
-            (
-                [
-                    raw::parse("", "SAVEPOINT c"),
-                    raw::bind("", "", &[]),
-                    raw::execute("", 0),
-                    raw::sync(),
-                ]
-                .concat(),
-                1,
-            ),
+            (extended("SAVEPOINT c"), 1),
             (bind("x").concat(), 1),
             (raw::query("ROLLBACK TO c"), 1),
             (run("w"), 1),
