@@ -970,12 +970,22 @@ async fn syntax_errors_on_a_sharded_database_are_postgres_own() {
             .concat(),
             raw::query("SELECT 2"),
             raw::query("BEGIN"),
+            // The transaction holds a connection now; the error is found on another.
             raw::query("SELECT 3"),
-            // The transaction holds a connection now, which finds the error.
             raw::query("SELECT 4 +"),
             raw::query("SELECT 5"),
             raw::query("ROLLBACK"),
+            raw::query("BEGIN"),
             raw::query("SELECT 6"),
+            [
+                raw::parse("", "SELECT (6"),
+                raw::bind("", "", &[]),
+                raw::execute("", 0),
+                raw::sync(),
+            ]
+            .concat(),
+            raw::query("ROLLBACK"),
+            raw::query("SELECT 7"),
         ];
         let mut replies = Vec::new();
         for step in steps {
@@ -1005,6 +1015,7 @@ async fn syntax_errors_on_a_sharded_database_are_postgres_own() {
     );
     assert!(direct[5].starts_with("EZ E 42601"), "{direct:?}");
     assert!(direct[6].starts_with("EZ E 25P02"), "{direct:?}");
+    assert!(direct[10].starts_with("EZ E 42601"), "{direct:?}");
     for (proxy, what) in [
         (&sharded, "transaction pooling"),
         (&session, "session pooling"),
@@ -1020,7 +1031,7 @@ async fn syntax_errors_on_a_sharded_database_are_postgres_own() {
             "{what}: {}",
             raw::explain(&msgs)
         );
-        c.send(&raw::query("SELECT 7")).await;
+        c.send(&raw::query("SELECT 8")).await;
         let msgs = c.until_ready().await;
         assert_eq!(raw::tags(&msgs), "TDCZ", "{what}: {}", raw::explain(&msgs));
     }
@@ -1094,4 +1105,85 @@ async fn idle_clients_are_told_when_the_proxy_shuts_down() {
         .await
         .expect("the client hears of it");
     assert_eq!(told.code().as_deref(), Some("57P01"), "{told:?}");
+}
+
+/// A batch ended by Flush leaves the server inside an implicit transaction that only a Sync (or
+/// a simple Query) ends: the connection stays with its client until then. Another client waits
+/// for it rather than running inside that transaction, the next batch goes on in the same
+/// transaction, and a lone Sync reaches the server and lets the connection go.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_ended_by_flush_keeps_its_connection_until_sync() {
+    let one = Proxy::start(|c| c.pool.size = 1).await;
+    let sharded = Proxy::start_sharded(|c| {
+        c.pool.size = 1;
+        c.routing.replica_reads = false;
+    })
+    .await;
+    async fn until_complete(c: &mut raw::Raw) -> Vec<raw::Msg> {
+        let mut got = Vec::new();
+        while got
+            .last()
+            .is_none_or(|m: &raw::Msg| !matches!(m.tag, b'C' | b'E'))
+        {
+            got.push(c.read().await);
+        }
+        got
+    }
+    fn other_client(port: u16) -> tokio::task::JoinHandle<Vec<raw::Msg>> {
+        tokio::spawn(async move {
+            let mut c = raw::Raw::login(port).await;
+            c.send(&raw::query("SELECT txid_current_if_assigned()"))
+                .await;
+            c.until_ready().await
+        })
+    }
+    let txid = |end: Vec<u8>| {
+        [
+            raw::parse("", "SELECT txid_current()"),
+            raw::bind("", "", &[]),
+            raw::execute("", 0),
+            end,
+        ]
+        .concat()
+    };
+    for (proxy, what) in [(&one, "one shard"), (&sharded, "sharded")] {
+        let mut a = raw::Raw::login(proxy.port).await;
+        a.send(&txid(raw::flush())).await;
+        let first = until_complete(&mut a).await;
+        assert_eq!(
+            raw::tags(&first),
+            "12DC",
+            "{what}: {}",
+            raw::explain(&first)
+        );
+        let b = other_client(proxy.port);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !b.is_finished(),
+            "{what}: another client got a connection inside an open implicit transaction"
+        );
+        a.send(&txid(raw::sync())).await;
+        let second = a.until_ready().await;
+        assert_eq!(
+            second.iter().find_map(raw::Msg::col0),
+            first.iter().find_map(raw::Msg::col0),
+            "{what}: the batch after the Flush runs in the same transaction"
+        );
+        let b = b.await.expect("other client");
+        assert_eq!(raw::tags(&b), "TDCZ", "{what}: {}", raw::explain(&b));
+        assert_eq!(
+            b[1].cols(),
+            Some(vec![None]),
+            "{what}: in no one's transaction"
+        );
+        // A lone Sync after a Flush goes to the server; then the connection is free again.
+        a.send(&txid(raw::flush())).await;
+        until_complete(&mut a).await;
+        a.send(&raw::sync()).await;
+        let synced = a.until_ready().await;
+        assert_eq!(raw::tags(&synced), "Z", "{what}");
+        let c = other_client(proxy.port).await.expect("third client");
+        assert_eq!(raw::tags(&c), "TDCZ", "{what}: {}", raw::explain(&c));
+        assert_eq!(c[1].cols(), Some(vec![None]), "{what}");
+    }
 }

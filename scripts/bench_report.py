@@ -11,9 +11,10 @@ import sys
 
 MODES = ["simple", "extended", "prepared"]
 
-# Student's t, two-sided 95%, by degrees of freedom (1.96 beyond the table).
+# Student's t, two-sided 95%, by degrees of freedom (2.0 beyond the table, about df 60).
 T95 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23,
-       2.20, 2.18, 2.16, 2.14, 2.13, 2.12, 2.11, 2.10, 2.09, 2.09]
+       2.20, 2.18, 2.16, 2.14, 2.13, 2.12, 2.11, 2.10, 2.09, 2.09,
+       2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04]
 
 
 def paired(by_round, mode):
@@ -25,7 +26,7 @@ def paired(by_round, mode):
     if len(logs) < 2:
         return None
     df = len(logs) - 1
-    t = T95[df - 1] if df <= len(T95) else 1.96
+    t = T95[df - 1] if df <= len(T95) else 2.0
     mean = statistics.mean(logs)
     half = t * statistics.stdev(logs) / math.sqrt(len(logs))
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half), len(logs)

@@ -140,24 +140,31 @@ impl ServerConn {
         }
     }
 
-    /// Postgres' verdict on `sql` as one statement, without running it: a Parse of the unnamed
-    /// statement, then Sync (which ends the implicit transaction the Parse opened, and nothing
-    /// else). The ErrorResponse if the server refused it. Messages the server sends on its own
-    /// meanwhile (a notification, a notice) go to `unasked`.
+    /// Postgres' verdict on `sql` as one statement, without running it: the ErrorResponse of
+    /// a Parse of it, if the server refused it. The Parse runs in a transaction of its own that
+    /// is rolled back in the same round trip, after `settings` (statements setting the session
+    /// up as its client's, which the rollback undoes too), with lock and statement timeouts so
+    /// short that analysing a statement that parses cannot wait on anyone's locks: a syntax
+    /// error is found before any table is looked at.
     ///
     /// # Errors
     /// The server went away or answered out of protocol; the connection is marked broken.
-    pub async fn parse_check(
-        &mut self,
-        sql: &str,
-        unasked: &mut BytesMut,
-    ) -> Result<Option<Bytes>, Error> {
+    pub async fn parse_check(&mut self, sql: &str, settings: &str) -> Result<Option<Bytes>, Error> {
         let mut wire = BytesMut::new();
+        build::query(
+            &mut wire,
+            &format!(
+                "BEGIN;{settings};SET LOCAL lock_timeout = 1;SET LOCAL statement_timeout = 1000"
+            ),
+        );
         build::parse(&mut wire, "", sql);
         build::sync(&mut wire);
+        build::query(&mut wire, "ROLLBACK");
         self.send(&wire).await?;
-        let mut error = None;
-        loop {
+        // Three ReadyForQuery: the setup's, the Sync's (the Parse answers before it), the
+        // rollback's.
+        let (mut ready, mut error) = (0, None);
+        while ready < 3 {
             let frame = match self.reader.next().await {
                 Ok(frame) => frame,
                 Err(e) => {
@@ -166,21 +173,21 @@ impl ServerConn {
                 }
             };
             match frame.tag() {
-                tag::ERROR_RESPONSE => error = Some(frame.into_bytes()),
-                tag::READY_FOR_QUERY => match decode::ready_for_query(frame.body()) {
-                    Ok(status) => {
-                        self.status = status;
-                        return Ok(error);
+                tag::ERROR_RESPONSE if ready == 1 => error = Some(frame.into_bytes()),
+                tag::READY_FOR_QUERY => {
+                    ready += 1;
+                    match decode::ready_for_query(frame.body()) {
+                        Ok(status) => self.status = status,
+                        Err(e) => {
+                            self.broken = true;
+                            return Err(Error::protocol(&self.addr, e));
+                        }
                     }
-                    Err(e) => {
-                        self.broken = true;
-                        return Err(Error::protocol(&self.addr, e));
-                    }
-                },
-                tag::PARSE_COMPLETE => {}
-                _ => unasked.extend_from_slice(frame.bytes()),
+                }
+                _ => {} // the setup's replies, notices, the rollback's
             }
         }
+        Ok(error)
     }
 
     /// Writes bytes to the server.

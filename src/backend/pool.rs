@@ -158,6 +158,35 @@ impl Pool {
         }
     }
 
+    /// A checkout that never waits for a connection to be given back: an idle one, else a
+    /// new one if the pool has room. None when it is full, for a caller that may itself hold
+    /// the connections it would wait for.
+    ///
+    /// # Errors
+    /// The server is unreachable (`08001`/`08006`).
+    pub async fn get_unless_full(&self) -> Option<Result<PooledConn, Error>> {
+        let inner = &self.inner;
+        {
+            let mut state = inner.state.lock();
+            if !state.waiters.is_empty() {
+                return None;
+            }
+            if let Some(conn) = inner.take_idle(&mut state) {
+                return Some(Ok(conn));
+            }
+            if state.open >= inner.size {
+                return None;
+            }
+            state.open += 1;
+        }
+        let slot = Slot {
+            pool: inner,
+            kept: false,
+        };
+        let deadline = Instant::now() + inner.checkout_timeout;
+        Some(Box::pin(inner.open(slot, deadline)).await)
+    }
+
     async fn wait(&self, rx: oneshot::Receiver<Grant>) -> Result<PooledConn, Error> {
         let inner = &self.inner;
         let deadline = Instant::now() + inner.checkout_timeout;
@@ -532,6 +561,27 @@ mod tests {
         assert!(served < regot, "the waiting checkout was served first");
         drop(again);
         assert_eq!(pool.state(), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_checkout_unless_full_opens_but_never_waits() {
+        let addr = startup_server(usize::MAX, Duration::ZERO).await;
+        let pool = Pool::new(&addr, creds(), &cfg(2));
+        let first = pool.get_unless_full().await.expect("room").expect("opened");
+        let second = pool.get_unless_full().await.expect("room").expect("opened");
+        assert_eq!(pool.state(), (2, 0));
+        let started = std::time::Instant::now();
+        assert!(pool.get_unless_full().await.is_none(), "full: no wait");
+        assert!(started.elapsed() < Duration::from_millis(500));
+        drop(first);
+        let again = pool
+            .get_unless_full()
+            .await
+            .expect("idle")
+            .expect("the idle one");
+        assert_eq!(pool.state(), (2, 0));
+        drop((second, again));
+        assert_eq!(pool.state(), (2, 2));
     }
 
     #[tokio::test]

@@ -144,6 +144,10 @@ struct Held {
     /// An error arrived and its ReadyForQuery has not yet: the transaction is about to be
     /// aborted, whatever the client sends meanwhile.
     failing: bool,
+    /// Extended-protocol messages went here with no Sync behind them yet (a batch ended by
+    /// Flush): the server is inside the implicit transaction they opened, which only a Sync
+    /// (or a simple Query) ends, so the connection stays with this client until then.
+    unsynced: bool,
     /// Counts this connection's statements for least-busy replica balancing.
     _in_flight: Option<InFlight>,
 }
@@ -158,6 +162,15 @@ fn note_command(last_tag: &mut Vec<u8>, body: &[u8]) {
 }
 
 impl Held {
+    /// Whether another client may have the connection: nothing pending, no COPY, no
+    /// transaction open, explicit or implicit.
+    fn releasable(&self) -> bool {
+        self.expect.is_empty()
+            && !self.copy_in
+            && !self.unsynced
+            && self.conn.status == TxStatus::Idle
+    }
+
     /// A ReadyForQuery: the server's transaction status; COPY and any error are over.
     fn note_ready(&mut self, status: TxStatus) {
         self.conn.status = status;
@@ -209,7 +222,6 @@ struct Merge {
     no_ready: bool,
 }
 
-/// The client's unnamed prepared statement.
 /// A portal of a statement the proxy answers itself.
 #[derive(Clone, Default)]
 struct LocalPortal {
@@ -221,6 +233,7 @@ struct LocalPortal {
     depth: usize,
 }
 
+/// The client's unnamed prepared statement.
 struct Unnamed {
     /// The Parse message, copied out of the client's read buffer so it keeps none of it alive.
     parse: Bytes,
@@ -1415,7 +1428,6 @@ impl Session {
             }
     }
 
-    /// Keeps the transaction's savepoint stack as Postgres does; an error for an unknown name.
     /// [`Session::track_savepoint`] for the savepoint commands among `sql`'s statements.
     fn note_savepoints(&mut self, sql: &str) {
         for stmt in lex::statements(sql) {
@@ -1425,6 +1437,7 @@ impl Session {
         }
     }
 
+    /// Keeps the transaction's savepoint stack as Postgres does; an error for an unknown name.
     fn track_savepoint(&mut self, op: &SavepointOp) -> Result<(), String> {
         let Some(tx) = self.tx.as_mut() else {
             return Ok(());
@@ -1552,6 +1565,8 @@ impl Session {
 
     async fn send(&mut self, i: usize, bytes: Bytes, kind: Kind) -> Result<(), End> {
         let held = &mut self.conns[i];
+        // A simple Query ends an implicit transaction left open by a Flush, as a Sync does.
+        held.unsynced = false;
         tracing::trace!(conn = ?held.key, pid = held.conn.key.pid, ?kind, "send");
         held.expect.push_back(Expect::Reply {
             kind,
@@ -1720,6 +1735,7 @@ impl Session {
             begun: self.tx.is_some(),
             injected_error: None,
             failing: false,
+            unsynced: false,
             // Only replicas count reads in flight (for least-busy balancing).
             _in_flight: (key.server > 0)
                 .then(|| self.shared.health.shard(key.shard).replicas[key.server - 1].enter()),
@@ -1780,8 +1796,13 @@ impl Session {
             }
             return Box::pin(self.run_local_batch(batch)).await;
         }
-        // A lone Sync with nothing pending needs no server: answer it here.
-        if self.pending().is_none() && batch.len() == 1 && has_sync {
+        // A lone Sync with nothing pending needs no server: answer it here. (Not one that ends
+        // an implicit transaction a Flush left open: that server needs it.)
+        if self.pending().is_none()
+            && batch.len() == 1
+            && has_sync
+            && !self.conns.iter().any(|h| h.unsynced)
+        {
             self.skip_until_sync = false;
             let status = self.client_status();
             build::ready_for_query(&mut self.out, status);
@@ -1946,8 +1967,10 @@ impl Session {
         }
         // One connection per run of messages with the same target.
         let default_key = self.default_key(plans.first().copied());
-        // The connection this batch's messages go to (none chosen yet).
-        let mut current: Option<usize> = None;
+        // The connection this batch's messages go to: none chosen yet, unless a batch ended by
+        // Flush left one in its implicit transaction, where the batch goes on (or which it
+        // closes with a Sync of the proxy's when it goes elsewhere).
+        let mut current: Option<usize> = self.conns.iter().position(|h| h.unsynced);
         // Sized for the batch as sent; ensure_prepared/ensure_unnamed may add a Parse.
         let mut wire =
             BytesMut::with_capacity(batch.iter().map(|f| f.bytes().len()).sum::<usize>() + 256);
@@ -1983,6 +2006,7 @@ impl Session {
                 if let Some(i) = current {
                     // Leaving a connection mid-batch: close its part with a Sync of our own.
                     build::message(&mut wire, tag::SYNC, |_| {});
+                    self.conns[i].unsynced = false;
                     self.conns[i].expect.push_back(Expect::Reply {
                         kind: Kind::Sync,
                         forward: false,
@@ -2236,6 +2260,11 @@ impl Session {
             kind,
             forward: true,
         };
+        match msg[0] {
+            tag::SYNC => self.conns[i].unsynced = false,
+            tag::FLUSH => {}
+            _ => self.conns[i].unsynced = true,
+        }
         match msg[0] {
             tag::PARSE => {
                 // Drivers send the same unnamed statement again and again: what was learnt
@@ -2774,6 +2803,7 @@ impl Session {
                 .map(|n| n == sync.len())
                 .unwrap_or(false)
             {
+                held.unsynced = false;
                 held.expect.push_back(Expect::Reply {
                     kind: Kind::Sync,
                     forward: false,
@@ -2791,9 +2821,7 @@ impl Session {
             return;
         }
         let before = self.conns.len();
-        for mut held in self.conns.extract_if(.., |h| {
-            h.expect.is_empty() && !h.copy_in && h.conn.status == TxStatus::Idle
-        }) {
+        for mut held in self.conns.extract_if(.., |h| h.releasable()) {
             // The queue's and the tag's allocations serve the next checkout (one each per
             // transaction otherwise).
             if self.spare_expect.len() < 4 {
@@ -2816,9 +2844,7 @@ impl Session {
     async fn release_on_exit(&mut self) {
         self.cancel.targets.set([]);
         for mut held in std::mem::take(&mut self.conns) {
-            let idle =
-                held.expect.is_empty() && !held.copy_in && held.conn.status == TxStatus::Idle;
-            if !idle {
+            if !held.releasable() {
                 held.conn.broken = true;
                 continue;
             }

@@ -117,7 +117,8 @@ fn is_ident(c: u8) -> bool {
 /// The first word at or after `i`, skipping whitespace and comments: (start, end).
 fn first_word_at(b: &[u8], mut i: usize) -> Option<(usize, usize)> {
     loop {
-        while i < b.len() && b[i].is_ascii_whitespace() {
+        // Postgres' whitespace: vertical tab too (PostgreSQL 16 accepts it).
+        while i < b.len() && (b[i].is_ascii_whitespace() || b[i] == b'\x0b') {
             i += 1;
         }
         if i >= b.len() {
@@ -325,6 +326,10 @@ pub fn lead_word(sql: &[u8]) -> (&[u8], &[u8]) {
 /// Whether `word`, ASCII letters as `lead_word` gives them, is the lowercase keyword `lower` in
 /// any case: setting bit 5 lowercases a letter, so there is no case table to go through.
 pub fn word_is(word: &[u8], lower: &[u8]) -> bool {
+    debug_assert!(
+        lower.iter().all(u8::is_ascii_lowercase),
+        "a lowercase keyword"
+    );
     word.len() == lower.len() && word.iter().zip(lower).all(|(a, b)| a | 0x20 == *b)
 }
 

@@ -5,30 +5,30 @@ use super::*;
 
 impl Session {
     /// Postgres' ErrorResponse for `sql` if it is a syntax error (`42601`), learned from a
-    /// Parse, which runs nothing: on a connection the session holds (callers settle first, so
-    /// nothing is pending there), else on one checked out from the first shard's primary.
-    /// None when Postgres accepts the statement (the router's refusal stands) or cannot be
-    /// asked.
+    /// Parse on a connection of the first shard's primary, with the session's settings, in a
+    /// transaction rolled back at once ([`ServerConn::parse_check`]): nothing runs, nothing
+    /// stays locked. Never on a connection the session holds, whose transaction (explicit, or
+    /// implicit after a Flush) is the client's; and while the session holds any, only an idle
+    /// or a new one, so it never waits on a pool it may itself be keeping busy. None when
+    /// Postgres accepts the statement (the router's refusal stands) or cannot be asked.
+    ///
+    /// [`ServerConn::parse_check`]: crate::backend::ServerConn::parse_check
     pub(super) async fn syntax_error(&mut self, sql: &str) -> Option<Bytes> {
-        let verdict = match self.conns.first_mut() {
-            Some(held) => {
-                // The Parse replaces the connection's unnamed statement.
-                held.unnamed_ready = false;
-                // Held by this session: what the server says unasked is the client's.
-                held.conn.parse_check(sql, &mut self.out).await
-            }
-            None => {
-                let pool = &self.shared.shards[0].primary;
-                let mut conn = match pool.try_get() {
-                    Some(conn) => conn,
-                    None => pool.get().await.ok()?,
-                };
-                conn.parse_check(sql, &mut BytesMut::new()).await
-            }
+        let pool = &self.shared.shards[0].primary;
+        let mut conn = if self.conns.is_empty() {
+            pool.get().await.ok()?
+        } else {
+            pool.get_unless_full().await?.ok()?
         };
-        let error = verdict.ok()??;
+        let error = conn
+            .parse_check(sql, &self.settings.replay_sql())
+            .await
+            .ok()??;
         let fields = decode::error_fields(error.get(5..)?).ok()?;
-        (fields.code == "42601").then_some(error)
+        // A Parse takes one statement, where a simple Query takes several: Postgres counting
+        // more than the proxy did is not the client's syntax error.
+        let several = fields.message.contains("multiple commands");
+        (fields.code == "42601" && !several).then_some(error)
     }
 
     /// [`Session::syntax_error`] for the statement a Bind refused by the router uses, when it
