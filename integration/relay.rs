@@ -730,13 +730,7 @@ async fn pipelines_arriving_whole_split_or_back_to_back() {
     assert_value(&third, "33");
 
     // A statement the proxy answers itself, then one for the server, in one write.
-    let next_id = [
-        raw::parse("", "SELECT tessera_next_id()"),
-        raw::bind("", "", &[]),
-        raw::execute("", 0),
-        raw::sync(),
-    ]
-    .concat();
+    let next_id = raw::extended("SELECT tessera_next_id()");
     a.send(&[next_id, times("12", false)].concat()).await;
     let local = a.until_ready().await;
     assert_eq!(raw::tags(&local), "12DCZ", "{}", raw::explain(&local));
@@ -829,16 +823,6 @@ async fn portals_of_proxy_answered_statements_live_as_long_as_their_transaction(
             ]
         };
         let run = |portal: &str| [raw::execute(portal, 0), raw::sync()].concat();
-        // A statement through the extended protocol, unnamed.
-        let extended = |sql: &str| {
-            [
-                raw::parse("", sql),
-                raw::bind("", "", &[]),
-                raw::execute("", 0),
-                raw::sync(),
-            ]
-            .concat()
-        };
         // Each step is one write and the number of replies (up to ReadyForQuery) it gets; 0 for
         // one reply whose error code is not compared.
         let steps = [
@@ -864,7 +848,7 @@ async fn portals_of_proxy_answered_statements_live_as_long_as_their_transaction(
             (raw::query("BEGIN"), 1),
             (bind("t").concat(), 1),
             (raw::query("SELEC 1"), 1),
-            (extended("ROLLBACK"), 1),
+            (raw::extended("ROLLBACK"), 1),
             (run("t"), 1),
             (raw::query("SELECT 2"), 1),
             // ROLLBACK TO a savepoint ends the portals bound since, RELEASE hands them to the
@@ -876,7 +860,7 @@ async fn portals_of_proxy_answered_statements_live_as_long_as_their_transaction(
             (raw::query("SAVEPOINT b"), 1),
             (bind("w").concat(), 1),
             (raw::query("RELEASE b"), 1),
-            (extended("SAVEPOINT c"), 1),
+            (raw::extended("SAVEPOINT c"), 1),
             (bind("x").concat(), 1),
             (raw::query("ROLLBACK TO c"), 1),
             (run("w"), 1),
@@ -961,13 +945,7 @@ async fn syntax_errors_on_a_sharded_database_are_postgres_own() {
         let mut c = raw::Raw::login(port).await;
         let steps = [
             raw::query("SELEC 1"),
-            [
-                raw::parse("", "SELECT 1 FROM users WHERE id = (1"),
-                raw::bind("", "", &[]),
-                raw::execute("", 0),
-                raw::sync(),
-            ]
-            .concat(),
+            raw::extended("SELECT 1 FROM users WHERE id = (1"),
             raw::query("SELECT 2"),
             raw::query("BEGIN"),
             // The transaction holds a connection now; the error is found on another.
@@ -977,13 +955,7 @@ async fn syntax_errors_on_a_sharded_database_are_postgres_own() {
             raw::query("ROLLBACK"),
             raw::query("BEGIN"),
             raw::query("SELECT 6"),
-            [
-                raw::parse("", "SELECT (6"),
-                raw::bind("", "", &[]),
-                raw::execute("", 0),
-                raw::sync(),
-            ]
-            .concat(),
+            raw::extended("SELECT (6"),
             raw::query("ROLLBACK"),
             raw::query("SELECT 7"),
         ];
@@ -1035,6 +1007,70 @@ async fn syntax_errors_on_a_sharded_database_are_postgres_own() {
         let msgs = c.until_ready().await;
         assert_eq!(raw::tags(&msgs), "TDCZ", "{what}: {}", raw::explain(&msgs));
     }
+}
+
+/// The unnamed statement as Postgres keeps it: a Bind or Describe of it before any Parse, or
+/// after a Parse that failed, is an error (26000), never a run of an older statement or of
+/// another client's left on the server connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_unnamed_statement_is_an_error() {
+    let one = Proxy::start(|c| c.pool.size = 1).await;
+    let sharded = Proxy::start_sharded(|c| {
+        c.pool.size = 1;
+        c.routing.replica_reads = false;
+    })
+    .await;
+    let primary = common::with_cluster(|c| c.shards()[0].primary.port);
+    let bound = || [raw::bind("", "", &[]), raw::execute("", 0), raw::sync()].concat();
+    async fn exchange(port: u16, steps: &[Vec<u8>]) -> Vec<String> {
+        let mut c = raw::Raw::login(port).await;
+        let mut replies = Vec::new();
+        for step in steps {
+            c.send(step).await;
+            let msgs = c.until_ready().await;
+            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
+            let value = msgs.iter().find_map(raw::Msg::col0).unwrap_or_default();
+            replies.push(format!("{} {code}{value}", raw::tags(&msgs)));
+        }
+        replies
+    }
+    let steps = [
+        bound(),
+        raw::extended("SELECT 41"),
+        bound(),
+        raw::extended("SELEC 42"),
+        bound(),
+        [raw::describe(b'S', ""), raw::sync()].concat(),
+    ];
+    let direct = exchange(primary, &steps).await;
+    assert_eq!(
+        direct,
+        [
+            "EZ 26000", "12DCZ 41", "2DCZ 41", "EZ 42601", "EZ 26000", "EZ 26000"
+        ]
+    );
+    for (proxy, what) in [(&one, "one shard"), (&sharded, "sharded")] {
+        assert_eq!(exchange(proxy.port, &steps).await, direct, "{what}");
+        // Another client on the same server connection (a pool of one) finds none either.
+        exchange(proxy.port, &[raw::extended("SELECT 43")]).await;
+        assert_eq!(
+            exchange(proxy.port, &[bound()]).await,
+            ["EZ 26000"],
+            "{what}: another client's unnamed statement"
+        );
+    }
+    // A statement the router refuses (Postgres would run it): its Parse leaves no older
+    // unnamed statement behind either.
+    let refused = exchange(
+        sharded.port,
+        &[
+            raw::extended("SELECT 44"),
+            raw::extended("SELECT collation for ('a')"),
+            bound(),
+        ],
+    )
+    .await;
+    assert_eq!(refused, ["12DCZ 44", "EZ 0A000", "EZ 26000"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -214,6 +214,12 @@ pub fn terminate() -> Vec<u8> {
     msg(b'X', &[])
 }
 
+/// A statement through the extended protocol, unnamed, without parameters: Parse, Bind,
+/// Execute, Sync.
+pub fn extended(sql: &str) -> Vec<u8> {
+    [parse("", sql), bind("", "", &[]), execute("", 0), sync()].concat()
+}
+
 pub fn query(sql: &str) -> Vec<u8> {
     let mut b = Vec::new();
     cstr(&mut b, sql);

@@ -255,6 +255,10 @@ pub struct Session {
     /// colliding names slows only its own session).
     statements: FxHashMap<Bytes, Arc<Statement>>,
     unnamed: Option<Unnamed>,
+    /// The batch being routed (on a sharded map) has a Parse of the unnamed statement: if the
+    /// proxy refuses the batch, the client's previous unnamed statement is gone all the same,
+    /// as a Parse on Postgres drops it even when it fails.
+    parses_unnamed: bool,
     portal_changes: Vec<Change>,
     settings: Settings,
     tx_changes: Vec<Change>,
@@ -491,6 +495,7 @@ impl Session {
             batch: Vec::new(),
             statements: FxHashMap::default(),
             unnamed: None,
+            parses_unnamed: false,
             portal_changes: Vec::new(),
             settings: login.settings,
             tx_changes: Vec::new(),
@@ -1811,6 +1816,9 @@ impl Session {
         if self.shared.router.passthrough() {
             return self.passthrough_batch(batch, has_sync).await;
         }
+        self.parses_unnamed = batch
+            .iter()
+            .any(|f| f.tag() == tag::PARSE && f.body().first() == Some(&0));
         // Route every Bind; a batch normally targets one place. A Parse earlier in the batch
         // defines the statement its Binds use, so planning sees the batch in order.
         let mut overlay: HashMap<Bytes, (Arc<Analysis>, Vec<u32>, Bytes)> = HashMap::new();
@@ -2144,6 +2152,13 @@ impl Session {
     /// After an error raised by the proxy for a batch: skip to Sync, which gets its
     /// ReadyForQuery so the client can go on.
     fn end_failed_batch(&mut self, has_sync: bool) -> Result<(), End> {
+        if std::mem::take(&mut self.parses_unnamed) {
+            // A Bind of the unnamed statement now fails (26000) rather than runs the old one.
+            self.unnamed = None;
+            for held in &mut self.conns {
+                held.unnamed_ready = false;
+            }
+        }
         // Callers settle pending replies before they write their error.
         if has_sync {
             self.skip_until_sync = false;
@@ -2326,6 +2341,9 @@ impl Session {
                 }
                 let portal_unnamed = bind.portal.is_empty();
                 if bind.statement.is_empty() {
+                    if self.unnamed_missing(i) {
+                        return Ok(());
+                    }
                     self.ensure_unnamed(i, wire);
                     wire.extend_from_slice(msg);
                     if portal_unnamed {
@@ -2366,6 +2384,9 @@ impl Session {
                     described = Some(stmt);
                 } else {
                     if kind == b'S' {
+                        if self.unnamed_missing(i) {
+                            return Ok(());
+                        }
                         self.ensure_unnamed(i, wire);
                     }
                     wire.extend_from_slice(msg);
@@ -2461,6 +2482,17 @@ impl Session {
                 forward: false,
             });
         }
+    }
+
+    /// The client has no unnamed statement (none Parsed, or its Parse was refused): an error
+    /// queued for a Bind or Describe of it, as Postgres answers. Sent on, the message would
+    /// find whatever unnamed statement the server connection has, perhaps another client's.
+    fn unnamed_missing(&mut self, i: usize) -> bool {
+        if self.unnamed.is_some() || self.conns[i].unnamed_ready {
+            return false;
+        }
+        self.synthetic_error(i, "26000", "unnamed prepared statement does not exist");
+        true
     }
 
     fn ensure_unnamed(&mut self, i: usize, wire: &mut BytesMut) {
@@ -2740,6 +2772,21 @@ impl Session {
                 held.injected_error = Some(frame.bytes().clone());
             }
             return Ok(());
+        }
+        if matches!(
+            held.expect.front(),
+            Some(Expect::Reply {
+                kind: Kind::Parse {
+                    client: None,
+                    stmt: None
+                },
+                ..
+            })
+        ) {
+            // The unnamed statement's Parse failed: on Postgres the statement is gone (the
+            // Parse dropped the previous one first), so a later Bind of it is an error too.
+            held.unnamed_ready = false;
+            self.unnamed = None;
         }
         // An injected Parse that fails still answers for the client's request that needed it.
         if merge_ok {
