@@ -1009,17 +1009,24 @@ async fn syntax_errors_on_a_sharded_database_are_postgres_own() {
     }
 }
 
-/// The unnamed statement as Postgres keeps it: a Bind or Describe of it before any Parse, or
-/// after a Parse that failed, is an error (26000), never a run of an older statement or of
-/// another client's left on the server connection.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_missing_unnamed_statement_is_an_error() {
+/// A proxy on one shard and one on two (reads on the primaries), each with one server
+/// connection per server: a second client gets the first one's connection, or waits for it.
+async fn pools_of_one() -> (Proxy, Proxy) {
     let one = Proxy::start(|c| c.pool.size = 1).await;
     let sharded = Proxy::start_sharded(|c| {
         c.pool.size = 1;
         c.routing.replica_reads = false;
     })
     .await;
+    (one, sharded)
+}
+
+/// The unnamed statement as Postgres keeps it: a Bind or Describe of it before any Parse, or
+/// after a Parse that failed, is an error (26000), never a run of an older statement or of
+/// another client's left on the server connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_unnamed_statement_is_an_error() {
+    let (one, sharded) = pools_of_one().await;
     let primary = common::with_cluster(|c| c.shards()[0].primary.port);
     let bound = || [raw::bind("", "", &[]), raw::execute("", 0), raw::sync()].concat();
     async fn exchange(port: u16, steps: &[Vec<u8>]) -> Vec<String> {
@@ -1149,12 +1156,7 @@ async fn idle_clients_are_told_when_the_proxy_shuts_down() {
 /// transaction, and a lone Sync reaches the server and lets the connection go.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_ended_by_flush_keeps_its_connection_until_sync() {
-    let one = Proxy::start(|c| c.pool.size = 1).await;
-    let sharded = Proxy::start_sharded(|c| {
-        c.pool.size = 1;
-        c.routing.replica_reads = false;
-    })
-    .await;
+    let (one, sharded) = pools_of_one().await;
     async fn until_complete(c: &mut raw::Raw) -> Vec<raw::Msg> {
         let mut got = Vec::new();
         while got
