@@ -384,7 +384,24 @@ async fn killed_idle_server_connection_is_replaced() {
         .expect("terminate")
         .get(0);
     assert!(killed);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Until the backend has exited (its FATAL message and EOF are on the socket), however
+    // busy the machine.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let alive: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .expect("activity")
+            .get(0);
+        if alive == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "backend {pid} still alive");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let row = client
         .query_one("SELECT pg_backend_pid()", &[])
         .await
@@ -1021,6 +1038,87 @@ async fn pools_of_one() -> (Proxy, Proxy) {
     (one, sharded)
 }
 
+/// After a batch ended by Flush, as on Postgres: one that fails ends its implicit transaction
+/// (the server skips up to the client's Sync, and so does the proxy), and a transaction begun
+/// after one keeps what it then does until its ROLLBACK.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_batch_ended_by_flush() {
+    let one = Proxy::start(|c| c.pool.size = 1).await;
+    let table = unique("flushed");
+    // Sharded by id: the batch ended by Flush and the INSERT go to the same shard.
+    let sharded = Proxy::start_sharded(|c| {
+        c.pool.size = 1;
+        c.routing.replica_reads = false;
+        c.sharding.tables.insert(table.clone(), "id".into());
+    })
+    .await;
+    let primary = common::with_cluster(|c| c.shards()[0].primary.port);
+    sharded
+        .connect()
+        .await
+        .batch_execute(&format!("CREATE TABLE {table} (id int)"))
+        .await
+        .expect("create on every shard");
+    async fn exchange(port: u16, table: &str) -> Vec<String> {
+        let flushed = |sql: &str| {
+            [
+                raw::parse("", sql),
+                raw::bind("", "", &[]),
+                raw::execute("", 0),
+                raw::flush(),
+            ]
+            .concat()
+        };
+        let mut c = raw::Raw::login(port).await;
+        let mut replies = Vec::new();
+        let mut note = |msgs: Vec<raw::Msg>| {
+            let status = msgs
+                .last()
+                .filter(|m| m.tag == b'Z')
+                .map_or(' ', |z| z.body[0] as char);
+            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
+            let value = msgs.iter().find_map(raw::Msg::col0).unwrap_or_default();
+            replies.push(format!("{} {status} {code}{value}", raw::tags(&msgs)));
+        };
+        c.send(&flushed("SELECT 1/0")).await;
+        note(c.until_complete().await);
+        c.send(&raw::extended("SELECT 2")).await;
+        note(c.until_ready().await);
+        c.send(&flushed(&format!(
+            "SELECT count(*) + 3 FROM {table} WHERE id = 1"
+        )))
+        .await;
+        note(c.until_complete().await);
+        for step in [
+            raw::query("BEGIN"),
+            raw::extended(&format!("INSERT INTO {table} (id) VALUES (1)")),
+            raw::query("ROLLBACK"),
+            raw::query(&format!("SELECT count(*) FROM {table}")),
+        ] {
+            c.send(&step).await;
+            note(c.until_ready().await);
+        }
+        replies
+    }
+    let direct = exchange(primary, &table).await;
+    assert_eq!(
+        direct,
+        [
+            // (1/0 is folded when the statement is planned, at Bind.)
+            "1E   22012",
+            "Z I ",
+            "12DC   3",
+            "CZ T ",
+            "12CZ T ",
+            "CZ I ",
+            "TDCZ I 0"
+        ]
+    );
+    for (proxy, what) in [(&one, "one shard"), (&sharded, "sharded")] {
+        assert_eq!(exchange(proxy.port, &table).await, direct, "{what}");
+    }
+}
+
 /// The unnamed statement as Postgres keeps it: a Bind or Describe of it before any Parse, or
 /// after a Parse that failed, is an error (26000), never a run of an older statement or of
 /// another client's left on the server connection.
@@ -1078,6 +1176,34 @@ async fn a_missing_unnamed_statement_is_an_error() {
     )
     .await;
     assert_eq!(refused, ["12DCZ 44", "EZ 0A000", "EZ 26000"]);
+}
+
+/// Settings replayed on another client's connection: one whose text ends in a `--` comment
+/// hides none of those after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_setting_ending_in_a_comment_is_replayed_with_the_rest() {
+    let proxy = Proxy::start(|c| c.pool.size = 1).await;
+    let a = proxy.connect().await;
+    a.batch_execute("SET search_path TO public -- the tenant's")
+        .await
+        .expect("set");
+    a.batch_execute("SET statement_timeout = '1234ms'")
+        .await
+        .expect("set");
+    // Another client takes the one connection (its own settings replayed), then the first
+    // client's come back.
+    let b = proxy.connect().await;
+    let other: String = b
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .expect("show")
+        .get(0);
+    assert_eq!(other, "0");
+    let row = a
+        .query_one("SELECT current_setting('statement_timeout')", &[])
+        .await
+        .expect("show");
+    assert_eq!(row.get::<_, String>(0), "1234ms");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1157,16 +1283,6 @@ async fn idle_clients_are_told_when_the_proxy_shuts_down() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_ended_by_flush_keeps_its_connection_until_sync() {
     let (one, sharded) = pools_of_one().await;
-    async fn until_complete(c: &mut raw::Raw) -> Vec<raw::Msg> {
-        let mut got = Vec::new();
-        while got
-            .last()
-            .is_none_or(|m: &raw::Msg| !matches!(m.tag, b'C' | b'E'))
-        {
-            got.push(c.read().await);
-        }
-        got
-    }
     fn other_client(port: u16) -> tokio::task::JoinHandle<Vec<raw::Msg>> {
         tokio::spawn(async move {
             let mut c = raw::Raw::login(port).await;
@@ -1187,7 +1303,7 @@ async fn a_batch_ended_by_flush_keeps_its_connection_until_sync() {
     for (proxy, what) in [(&one, "one shard"), (&sharded, "sharded")] {
         let mut a = raw::Raw::login(proxy.port).await;
         a.send(&txid(raw::flush())).await;
-        let first = until_complete(&mut a).await;
+        let first = a.until_complete().await;
         assert_eq!(
             raw::tags(&first),
             "12DC",
@@ -1216,7 +1332,7 @@ async fn a_batch_ended_by_flush_keeps_its_connection_until_sync() {
         );
         // A lone Sync after a Flush goes to the server; then the connection is free again.
         a.send(&txid(raw::flush())).await;
-        until_complete(&mut a).await;
+        a.until_complete().await;
         a.send(&raw::sync()).await;
         let synced = a.until_ready().await;
         assert_eq!(raw::tags(&synced), "Z", "{what}");

@@ -282,6 +282,20 @@ impl Raw {
         Msg { tag: head[0], body }
     }
 
+    /// Reads messages up to and including the next CommandComplete or ErrorResponse: the
+    /// reply to a batch ended by Flush, which has no ReadyForQuery.
+    pub async fn until_complete(&mut self) -> Vec<Msg> {
+        let mut all = Vec::new();
+        loop {
+            let m = self.read().await;
+            let done = matches!(m.tag, b'C' | b'E');
+            all.push(m);
+            if done {
+                return all;
+            }
+        }
+    }
+
     /// Reads messages up to and including the next ReadyForQuery.
     pub async fn until_ready(&mut self) -> Vec<Msg> {
         let mut all = Vec::new();

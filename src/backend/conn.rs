@@ -154,7 +154,7 @@ impl ServerConn {
         build::query(
             &mut wire,
             &format!(
-                "BEGIN;{settings};SET LOCAL lock_timeout = 1;SET LOCAL statement_timeout = 1000"
+                "BEGIN;{settings}\n;SET LOCAL lock_timeout = 1;SET LOCAL statement_timeout = 1000"
             ),
         );
         build::parse(&mut wire, "", sql);

@@ -171,9 +171,14 @@ impl Held {
             && self.conn.status == TxStatus::Idle
     }
 
-    /// A ReadyForQuery: the server's transaction status; COPY and any error are over.
+    /// A ReadyForQuery (its Sync or Query still at the head of the queue): the server's
+    /// transaction status; COPY and any error are over, and so is an implicit transaction if
+    /// nothing was sent after.
     fn note_ready(&mut self, status: TxStatus) {
         self.conn.status = status;
+        if self.expect.len() <= 1 {
+            self.unsynced = false;
+        }
         self.copy_in = false;
         self.failing = false;
     }
@@ -1561,6 +1566,7 @@ impl Session {
     /// After the error written for a whole request: the transaction, if any, is aborted, and
     /// the client may go on.
     fn request_failed(&mut self) {
+        self.abort_implicit();
         if let Some(tx) = self.tx.as_mut() {
             tx.failed = true;
         }
@@ -1570,8 +1576,6 @@ impl Session {
 
     async fn send(&mut self, i: usize, bytes: Bytes, kind: Kind) -> Result<(), End> {
         let held = &mut self.conns[i];
-        // A simple Query ends an implicit transaction left open by a Flush, as a Sync does.
-        held.unsynced = false;
         tracing::trace!(conn = ?held.key, pid = held.conn.key.pid, ?kind, "send");
         held.expect.push_back(Expect::Reply {
             kind,
@@ -1585,6 +1589,47 @@ impl Session {
             && let Err(e) = held.conn.send(&bytes[sent..]).await
         {
             return Err(self.server_lost(i, e));
+        }
+        Ok(())
+    }
+
+    /// Ends the implicit transaction a batch ended by Flush left open on connection `i` with a
+    /// Sync of the proxy's, which commits it as the client's Sync would, and waits for the
+    /// connection's replies.
+    async fn end_implicit(&mut self, i: usize) -> Result<(), End> {
+        let mut sync = BytesMut::new();
+        build::sync(&mut sync);
+        self.conns[i].expect.push_back(Expect::Reply {
+            kind: Kind::Sync,
+            forward: false,
+        });
+        if let Err(e) = self.conns[i].conn.send(&sync).await {
+            return Err(self.server_lost(i, e));
+        }
+        self.drain(i).await
+    }
+
+    /// An error the proxy raised for a request: outside a transaction block, it ends the
+    /// implicit transaction a batch ended by Flush left open, which Postgres rolls back, as
+    /// closing the connection does. (Callers have settled the replies pending.)
+    fn abort_implicit(&mut self) {
+        if self.tx.is_some() || !self.conns.iter().any(|h| h.unsynced) {
+            return;
+        }
+        for held in self.conns.iter_mut().filter(|h| h.unsynced) {
+            held.conn.broken = true;
+        }
+        self.conns.retain(|h| !h.unsynced);
+        self.cancel
+            .targets
+            .set(self.conns.iter().map(|h| h.conn.key.clone()));
+    }
+
+    /// The client's Sync, answered by the proxy: it ends the implicit transactions batches
+    /// ended by Flush left open on servers.
+    async fn end_implicit_all(&mut self) -> Result<(), End> {
+        while let Some(i) = self.conns.iter().position(|h| h.unsynced) {
+            self.end_implicit(i).await?;
         }
         Ok(())
     }
@@ -1625,14 +1670,22 @@ impl Session {
     /// Makes sure connection `key` is held and nothing else has replies pending; returns its
     /// index. A new connection gets the session's settings and, inside a transaction, its BEGIN.
     async fn pin(&mut self, key: ConnKey) -> Result<usize, backend::Error> {
+        let lost = || backend::Error::Io {
+            addr: String::new(),
+            reason: "lost a server connection".into(),
+        };
         if let Some(i) = self.pending()
             && self.conns[i].key != key
             && self.drain(i).await.is_err()
         {
-            return Err(backend::Error::Io {
-                addr: String::new(),
-                reason: "lost a server connection".into(),
-            });
+            return Err(lost());
+        }
+        // Work moving on from a connection left in an implicit transaction (a batch ended by
+        // Flush) ends that transaction first, as within a batch.
+        if let Some(i) = self.conns.iter().position(|h| h.unsynced && h.key != key)
+            && self.end_implicit(i).await.is_err()
+        {
+            return Err(lost());
         }
         if let Some(i) = self.conns.iter().position(|h| h.key == key) {
             let held = &mut self.conns[i];
@@ -1786,6 +1839,7 @@ impl Session {
         // The next batch collects into the spare vector, so neither allocates in steady state.
         let mut batch = std::mem::replace(&mut self.batch, std::mem::take(&mut self.spare_batch));
         let has_sync = batch.iter().any(|f| f.tag() == tag::SYNC);
+        self.parses_unnamed = false;
         if !self.local_portals.is_empty() && self.pending().is_some() {
             // A reply still pending may end the transaction and the proxy's portals with it
             // (a pipelined COMMIT): it decides whether this batch's Execute is the proxy's.
@@ -1975,10 +2029,8 @@ impl Session {
         }
         // One connection per run of messages with the same target.
         let default_key = self.default_key(plans.first().copied());
-        // The connection this batch's messages go to: none chosen yet, unless a batch ended by
-        // Flush left one in its implicit transaction, where the batch goes on (or which it
-        // closes with a Sync of the proxy's when it goes elsewhere).
-        let mut current: Option<usize> = self.conns.iter().position(|h| h.unsynced);
+        // The connection this batch's messages go to (none chosen yet).
+        let mut current: Option<usize> = None;
         // Sized for the batch as sent; ensure_prepared/ensure_unnamed may add a Parse.
         let mut wire =
             BytesMut::with_capacity(batch.iter().map(|f| f.bytes().len()).sum::<usize>() + 256);
@@ -2014,7 +2066,6 @@ impl Session {
                 if let Some(i) = current {
                     // Leaving a connection mid-batch: close its part with a Sync of our own.
                     build::message(&mut wire, tag::SYNC, |_| {});
-                    self.conns[i].unsynced = false;
                     self.conns[i].expect.push_back(Expect::Reply {
                         kind: Kind::Sync,
                         forward: false,
@@ -2152,6 +2203,7 @@ impl Session {
     /// After an error raised by the proxy for a batch: skip to Sync, which gets its
     /// ReadyForQuery so the client can go on.
     fn end_failed_batch(&mut self, has_sync: bool) -> Result<(), End> {
+        self.abort_implicit();
         if std::mem::take(&mut self.parses_unnamed) {
             // A Bind of the unnamed statement now fails (26000) rather than runs the old one.
             self.unnamed = None;
@@ -2773,16 +2825,22 @@ impl Session {
             }
             return Ok(());
         }
-        if matches!(
-            held.expect.front(),
-            Some(Expect::Reply {
-                kind: Kind::Parse {
-                    client: None,
-                    stmt: None
-                },
-                ..
-            })
-        ) {
+        let unnamed_parse = |e: &Expect| {
+            matches!(
+                e,
+                Expect::Reply {
+                    kind: Kind::Parse {
+                        client: None,
+                        stmt: None
+                    },
+                    forward: true,
+                }
+            )
+        };
+        // (Not when a later Parse of it is already on its way, which replaces it again.)
+        if held.expect.front().is_some_and(unnamed_parse)
+            && !held.expect.iter().skip(1).any(unnamed_parse)
+        {
             // The unnamed statement's Parse failed: on Postgres the statement is gone (the
             // Parse dropped the previous one first), so a later Bind of it is an error too.
             held.unnamed_ready = false;
@@ -2827,7 +2885,7 @@ impl Session {
                 }
             }
         }
-        if was_copy_in
+        if (was_copy_in || held.unsynced)
             && !held.expect.iter().any(|e| {
                 matches!(
                     e,
@@ -2838,9 +2896,13 @@ impl Session {
                 )
             })
         {
-            // A COPY FROM STDIN started by Execute failed: the server now ignores everything
-            // up to a Sync, and the client's Sync was already spent (ignored during the copy).
-            // Send one of ours, so the connection comes back in sync.
+            // The server now ignores everything up to a Sync, which is not coming: a COPY FROM
+            // STDIN started by Execute failed, and the client's Sync was already spent (ignored
+            // during the copy); or a batch ended by Flush failed, and what the client sends
+            // before its Sync is skipped here (`skip_until_sync`), as the server would, while
+            // the proxy may still send the connection requests of its own. One Sync of ours
+            // ends the failed (implicit) transaction, as the client's would, and brings the
+            // connection back in sync.
             let mut sync = BytesMut::new();
             build::message(&mut sync, tag::SYNC, |_| {});
             if held
@@ -2850,7 +2912,6 @@ impl Session {
                 .map(|n| n == sync.len())
                 .unwrap_or(false)
             {
-                held.unsynced = false;
                 held.expect.push_back(Expect::Reply {
                     kind: Kind::Sync,
                     forward: false,

@@ -223,11 +223,12 @@ impl Settings {
         self.fingerprint
     }
 
-    /// The statements that bring a server connection from any settings to these.
+    /// The statements that bring a server connection from any settings to these. Each is the
+    /// client's own text, which may end in a `--` comment: a newline ends it before the `;`.
     pub fn replay_sql(&self) -> String {
         let mut sql = String::from("RESET ALL");
         for stmt in self.by_name.values() {
-            sql.push(';');
+            sql.push_str("\n;");
             sql.push_str(stmt);
         }
         sql
@@ -400,6 +401,14 @@ mod tests {
         assert!(sql.contains("SET search_path TO 'a b'"), "{sql}");
         assert!(sql.contains("SET work_mem TO '4MB'"), "{sql}");
         assert!(Settings::from_startup(&[("options".into(), "-x".into())]).is_err());
+        // A setting whose text ends in a comment hides none that follow it.
+        let mut t = Settings::default();
+        t.apply(&changes("SET search_path TO app -- the tenant's"));
+        t.apply(&changes("SET work_mem = '4MB'"));
+        let sql = t.replay_sql();
+        let statements = lex::statements(&sql);
+        assert_eq!(statements.len(), 3, "{sql}");
+        assert_eq!(statements[2].trim(), "SET work_mem = '4MB'", "{sql}");
         assert!(Settings::from_startup(&[("replication".into(), "true".into())]).is_err());
     }
 }

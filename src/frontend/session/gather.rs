@@ -369,7 +369,6 @@ impl Session {
             session.conns[i].wrote |= plan.writes;
             // Our own Sync per connection; the merge emits the client's ReadyForQuery.
             build::message(wire, tag::SYNC, |_| {});
-            session.conns[i].unsynced = false;
             Ok(vec![Kind::Sync])
         })
         .await

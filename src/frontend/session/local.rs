@@ -163,6 +163,9 @@ impl Session {
     /// Answers a batch [`Session::answers_locally`] accepted, message by message.
     pub(super) async fn run_local_batch(&mut self, batch: Vec<Frame>) -> Result<(), End> {
         self.settle().await?;
+        if batch.iter().any(|f| f.tag() == tag::SYNC) {
+            self.end_implicit_all().await?;
+        }
         for frame in batch {
             let body = frame.body();
             match frame.tag() {
