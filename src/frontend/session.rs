@@ -145,8 +145,10 @@ struct Held {
     /// aborted, whatever the client sends meanwhile.
     failing: bool,
     /// Extended-protocol messages went here with no Sync behind them yet (a batch ended by
-    /// Flush): the server is inside the implicit transaction they opened, which only a Sync
-    /// (or a simple Query) ends, so the connection stays with this client until then.
+    /// Flush, or an Execute's COPY whose Sync the server ignores): the server is inside the
+    /// implicit transaction they opened, which only a Sync (or a simple Query) ends, so the
+    /// connection stays with this client until then. Set when such a batch is sent, cleared
+    /// by a ReadyForQuery with nothing sent after it.
     unsynced: bool,
     /// Counts this connection's statements for least-busy replica balancing.
     _in_flight: Option<InFlight>,
@@ -1613,7 +1615,12 @@ impl Session {
     /// implicit transaction a batch ended by Flush left open, which Postgres rolls back, as
     /// closing the connection does. (Callers have settled the replies pending.)
     fn abort_implicit(&mut self) {
-        if self.tx.is_some() || !self.conns.iter().any(|h| h.unsynced) {
+        // (In session pooling the connection is the client's, with whatever else it holds:
+        // it stays, and the client's next Sync ends the transaction.)
+        if self.tx.is_some()
+            || self.mode == PoolMode::Session
+            || !self.conns.iter().any(|h| h.unsynced)
+        {
             return;
         }
         for held in self.conns.iter_mut().filter(|h| h.unsynced) {
@@ -2100,6 +2107,10 @@ impl Session {
             }
         }
         self.spare_batch = batch;
+        if let Some(i) = current {
+            // (As in `passthrough`; a connection left mid-batch got a Sync of the proxy's.)
+            self.conns[i].unsynced = !has_sync;
+        }
         let sent = self.send_batch(current, &wire).await;
         if wire.capacity() <= SPARE_WIRE_MAX {
             wire.clear();
@@ -2160,6 +2171,11 @@ impl Session {
             if let Err(e) = self.batch_message(i, msg, &mut wire) {
                 return Err(self.client_error(e));
             }
+        }
+        if let Some(i) = current {
+            // A batch ends at its first Sync or Flush: one ended by Flush leaves the server in
+            // an implicit transaction.
+            self.conns[i].unsynced = !has_sync;
         }
         let sent = self.send_batch(current, &wire).await;
         if wire.capacity() <= SPARE_WIRE_MAX {
@@ -2327,11 +2343,6 @@ impl Session {
             kind,
             forward: true,
         };
-        match msg[0] {
-            tag::SYNC => self.conns[i].unsynced = false,
-            tag::FLUSH => {}
-            _ => self.conns[i].unsynced = true,
-        }
         match msg[0] {
             tag::PARSE => {
                 // Drivers send the same unnamed statement again and again: what was learnt
@@ -2619,6 +2630,9 @@ impl Session {
                         ..
                     })
                 ) {
+                    // The client's Sync after CopyDone ends the transaction: until it reaches
+                    // the server, the connection stays with the client.
+                    held.unsynced = true;
                     let head = held.expect.pop_front();
                     held.expect.retain(|e| {
                         !matches!(
@@ -2837,6 +2851,18 @@ impl Session {
                 }
             )
         };
+        if let Some(Expect::Reply {
+            kind:
+                Kind::Parse {
+                    client: None,
+                    stmt: None,
+                },
+            forward: false,
+        }) = held.expect.front()
+        {
+            // The proxy's own Parse of it failed here: not on this connection, then.
+            held.unnamed_ready = false;
+        }
         // (Not when a later Parse of it is already on its way, which replaces it again.)
         if held.expect.front().is_some_and(unnamed_parse)
             && !held.expect.iter().skip(1).any(unnamed_parse)
