@@ -1206,6 +1206,36 @@ async fn a_setting_ending_in_a_comment_is_replayed_with_the_rest() {
     assert_eq!(row.get::<_, String>(0), "1234ms");
 }
 
+/// A role one client sets is its own: the next client on the same server connection runs as
+/// itself (`RESET ALL` alone would leave the role).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_one_client_sets_stays_its_own() {
+    let role = unique("role");
+    let admin = common::connect_superuser(0).await;
+    admin
+        .batch_execute(&format!("CREATE ROLE {role} NOLOGIN; GRANT {role} TO app"))
+        .await
+        .expect("role");
+    let proxy = Proxy::start(|c| c.pool.size = 1).await;
+    let a = proxy.connect().await;
+    a.batch_execute(&format!("SET ROLE {role}"))
+        .await
+        .expect("set role");
+    let b = proxy.connect().await;
+    let user: String = b
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .expect("current user")
+        .get(0);
+    assert_eq!(user, "app");
+    let user: String = a
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .expect("current user")
+        .get(0);
+    assert_eq!(user, role);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn deallocate_and_discard_are_handled() {
     let proxy = Proxy::start(|c| c.pool.size = 1).await;

@@ -155,6 +155,9 @@ fn literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
+/// What brings a server connection back to its defaults.
+const RESET: &str = "SET SESSION AUTHORIZATION DEFAULT\n;RESET ALL";
+
 /// A client's session settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settings {
@@ -225,8 +228,10 @@ impl Settings {
 
     /// The statements that bring a server connection from any settings to these. Each is the
     /// client's own text, which may end in a `--` comment: a newline ends it before the `;`.
+    /// `RESET ALL` leaves the role and the session user as they are, so those are reset first,
+    /// as `DISCARD ALL` does: a previous client's `SET ROLE` stays its own.
     pub fn replay_sql(&self) -> String {
-        let mut sql = String::from("RESET ALL");
+        let mut sql = String::from(RESET);
         for stmt in self.by_name.values() {
             sql.push_str("\n;");
             sql.push_str(stmt);
@@ -382,7 +387,7 @@ mod tests {
         assert_ne!(a.fingerprint(), fp);
         a.apply(&changes("RESET x"));
         assert_eq!(a.fingerprint(), 0);
-        assert_eq!(a.replay_sql(), "RESET ALL");
+        assert_eq!(a.replay_sql(), RESET);
     }
 
     #[test]
@@ -407,8 +412,8 @@ mod tests {
         t.apply(&changes("SET work_mem = '4MB'"));
         let sql = t.replay_sql();
         let statements = lex::statements(&sql);
-        assert_eq!(statements.len(), 3, "{sql}");
-        assert_eq!(statements[2].trim(), "SET work_mem = '4MB'", "{sql}");
+        assert_eq!(statements.len(), 4, "{sql}");
+        assert_eq!(statements[3].trim(), "SET work_mem = '4MB'", "{sql}");
         assert!(Settings::from_startup(&[("replication".into(), "true".into())]).is_err());
     }
 }
