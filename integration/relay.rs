@@ -1116,6 +1116,39 @@ async fn after_a_batch_ended_by_flush() {
     );
     for (proxy, what) in [(&one, "one shard"), (&sharded, "sharded")] {
         assert_eq!(exchange(proxy.port, &table).await, direct, "{what}");
+        // The Sync of a batch the proxy answers itself ends (commits) the open transaction
+        // too, and the connection is free again for another client.
+        let mut c = raw::Raw::login(proxy.port).await;
+        c.send(
+            &[
+                raw::parse("", &format!("INSERT INTO {table} (id) VALUES (7)")),
+                raw::bind("", "", &[]),
+                raw::execute("", 0),
+                raw::flush(),
+            ]
+            .concat(),
+        )
+        .await;
+        c.until_complete().await;
+        c.send(&raw::extended("SELECT tessera_next_id()")).await;
+        let answered = c.until_ready().await;
+        assert_eq!(
+            raw::tags(&answered),
+            "12DCZ",
+            "{what}: {}",
+            raw::explain(&answered)
+        );
+        let other = proxy.connect().await;
+        let n: i64 = other
+            .query_one(&format!("SELECT count(*) FROM {table} WHERE id = 7"), &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(n, 1, "{what}: committed");
+        other
+            .batch_execute(&format!("DELETE FROM {table} WHERE id = 7"))
+            .await
+            .expect("clean up");
     }
 }
 

@@ -1635,7 +1635,10 @@ impl Session {
     /// The client's Sync, answered by the proxy: it ends the implicit transactions batches
     /// ended by Flush left open on servers.
     async fn end_implicit_all(&mut self) -> Result<(), End> {
-        while let Some(i) = self.conns.iter().position(|h| h.unsynced) {
+        let open: Vec<usize> = (0..self.conns.len())
+            .filter(|&i| self.conns[i].unsynced)
+            .collect();
+        for i in open {
             self.end_implicit(i).await?;
         }
         Ok(())
