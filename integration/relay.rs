@@ -1060,15 +1060,6 @@ async fn after_a_batch_ended_by_flush() {
         .await
         .expect("create on every shard");
     async fn exchange(port: u16, table: &str) -> Vec<String> {
-        let flushed = |sql: &str| {
-            [
-                raw::parse("", sql),
-                raw::bind("", "", &[]),
-                raw::execute("", 0),
-                raw::flush(),
-            ]
-            .concat()
-        };
         let mut c = raw::Raw::login(port).await;
         let mut replies = Vec::new();
         let mut note = |msgs: Vec<raw::Msg>| {
@@ -1080,11 +1071,11 @@ async fn after_a_batch_ended_by_flush() {
             let value = msgs.iter().find_map(raw::Msg::col0).unwrap_or_default();
             replies.push(format!("{} {status} {code}{value}", raw::tags(&msgs)));
         };
-        c.send(&flushed("SELECT 1/0")).await;
+        c.send(&raw::flushed("SELECT 1/0")).await;
         note(c.until_complete().await);
         c.send(&raw::extended("SELECT 2")).await;
         note(c.until_ready().await);
-        c.send(&flushed(&format!(
+        c.send(&raw::flushed(&format!(
             "SELECT count(*) + 3 FROM {table} WHERE id = 1"
         )))
         .await;
@@ -1119,15 +1110,9 @@ async fn after_a_batch_ended_by_flush() {
         // The Sync of a batch the proxy answers itself ends (commits) the open transaction
         // too, and the connection is free again for another client.
         let mut c = raw::Raw::login(proxy.port).await;
-        c.send(
-            &[
-                raw::parse("", &format!("INSERT INTO {table} (id) VALUES (7)")),
-                raw::bind("", "", &[]),
-                raw::execute("", 0),
-                raw::flush(),
-            ]
-            .concat(),
-        )
+        c.send(&raw::flushed(&format!(
+            "INSERT INTO {table} (id) VALUES (7)"
+        )))
         .await;
         c.until_complete().await;
         c.send(&raw::extended("SELECT tessera_next_id()")).await;

@@ -217,7 +217,17 @@ pub fn terminate() -> Vec<u8> {
 /// A statement through the extended protocol, unnamed, without parameters: Parse, Bind,
 /// Execute, Sync.
 pub fn extended(sql: &str) -> Vec<u8> {
-    [parse("", sql), bind("", "", &[]), execute("", 0), sync()].concat()
+    extended_then(sql, sync())
+}
+
+/// As [`extended`], ended by Flush rather than Sync: the server stays in an implicit
+/// transaction.
+pub fn flushed(sql: &str) -> Vec<u8> {
+    extended_then(sql, flush())
+}
+
+fn extended_then(sql: &str, end: Vec<u8>) -> Vec<u8> {
+    [parse("", sql), bind("", "", &[]), execute("", 0), end].concat()
 }
 
 pub fn query(sql: &str) -> Vec<u8> {
