@@ -1123,15 +1123,54 @@ async fn after_a_batch_ended_by_flush() {
             "{what}: {}",
             raw::explain(&answered)
         );
+        // So does a simple Query the proxy answers itself: tessera_next_id(), and DEALLOCATE
+        // of a statement prepared through the protocol.
+        let committed = async |id: i32| -> i64 {
+            let other = proxy.connect().await;
+            other
+                .query_one(
+                    &format!("SELECT count(*) FROM {table} WHERE id = {id}"),
+                    &[],
+                )
+                .await
+                .expect("count")
+                .get(0)
+        };
+        assert_eq!(committed(7).await, 1, "{what}: after the batch");
+        c.send(&raw::flushed(&format!(
+            "INSERT INTO {table} (id) VALUES (8)"
+        )))
+        .await;
+        c.until_complete().await;
+        c.send(&raw::query("SELECT tessera_next_id()")).await;
+        let answered = c.until_ready().await;
+        assert_eq!(
+            raw::tags(&answered),
+            "TDCZ",
+            "{what}: {}",
+            raw::explain(&answered)
+        );
+        assert_eq!(committed(8).await, 1, "{what}: after tessera_next_id()");
+        c.send(&[raw::parse("s9", "SELECT 9"), raw::sync()].concat())
+            .await;
+        c.until_ready().await;
+        c.send(&raw::flushed(&format!(
+            "INSERT INTO {table} (id) VALUES (9)"
+        )))
+        .await;
+        c.until_complete().await;
+        c.send(&raw::query("DEALLOCATE s9")).await;
+        let answered = c.until_ready().await;
+        assert_eq!(
+            raw::tags(&answered),
+            "CZ",
+            "{what}: {}",
+            raw::explain(&answered)
+        );
+        assert_eq!(committed(9).await, 1, "{what}: after DEALLOCATE");
         let other = proxy.connect().await;
-        let n: i64 = other
-            .query_one(&format!("SELECT count(*) FROM {table} WHERE id = 7"), &[])
-            .await
-            .expect("count")
-            .get(0);
-        assert_eq!(n, 1, "{what}: committed");
         other
-            .batch_execute(&format!("DELETE FROM {table} WHERE id = 7"))
+            .batch_execute(&format!("DELETE FROM {table}"))
             .await
             .expect("clean up");
     }

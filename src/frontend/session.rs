@@ -981,6 +981,8 @@ impl Session {
                 return self.aborted().await;
             }
             self.settle().await?;
+            // A simple Query ends an implicit transaction a batch ended by Flush left open.
+            self.end_implicit_all().await?;
             let id = self.shared.ids.next();
             next_id_description(&mut self.out, &column, 0);
             next_id_row(&mut self.out, id, 0);
@@ -993,7 +995,9 @@ impl Session {
             && let Some(reply) = self.deallocate(&sql)
         {
             // DEALLOCATE of a statement prepared through the protocol is answered here: the
-            // server-side statement belongs to the proxy and other clients may share it.
+            // server-side statement belongs to the proxy and other clients may share it. (As a
+            // simple Query it ends an implicit transaction left open by a Flush.)
+            self.end_implicit_all().await?;
             return self.reply_locally(reply);
         }
         let routed;
