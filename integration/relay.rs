@@ -1107,67 +1107,43 @@ async fn after_a_batch_ended_by_flush() {
     );
     for (proxy, what) in [(&one, "one shard"), (&sharded, "sharded")] {
         assert_eq!(exchange(proxy.port, &table).await, direct, "{what}");
-        // The Sync of a batch the proxy answers itself ends (commits) the open transaction
-        // too, and the connection is free again for another client.
+        // The open transaction is ended (committed) by the Sync of a batch the proxy answers
+        // itself, and by a simple Query it answers itself: tessera_next_id(), DEALLOCATE of a
+        // statement prepared through the protocol. Another client then gets the connection.
         let mut c = raw::Raw::login(proxy.port).await;
-        c.send(&raw::flushed(&format!(
-            "INSERT INTO {table} (id) VALUES (7)"
-        )))
-        .await;
-        c.until_complete().await;
-        c.send(&raw::extended("SELECT tessera_next_id()")).await;
-        let answered = c.until_ready().await;
-        assert_eq!(
-            raw::tags(&answered),
-            "12DCZ",
-            "{what}: {}",
-            raw::explain(&answered)
-        );
-        // So does a simple Query the proxy answers itself: tessera_next_id(), and DEALLOCATE
-        // of a statement prepared through the protocol.
-        let committed = async |id: i32| -> i64 {
-            let other = proxy.connect().await;
-            other
+        c.send(&[raw::parse("s9", "SELECT 9"), raw::sync()].concat())
+            .await;
+        c.until_ready().await;
+        for (id, closer, tags) in [
+            (7, raw::extended("SELECT tessera_next_id()"), "12DCZ"),
+            (8, raw::query("SELECT tessera_next_id()"), "TDCZ"),
+            (9, raw::query("DEALLOCATE s9"), "CZ"),
+        ] {
+            c.send(&raw::flushed(&format!(
+                "INSERT INTO {table} (id) VALUES ({id})"
+            )))
+            .await;
+            c.until_complete().await;
+            c.send(&closer).await;
+            let answered = c.until_ready().await;
+            assert_eq!(
+                raw::tags(&answered),
+                tags,
+                "{what}: {}",
+                raw::explain(&answered)
+            );
+            let n: i64 = proxy
+                .connect()
+                .await
                 .query_one(
                     &format!("SELECT count(*) FROM {table} WHERE id = {id}"),
                     &[],
                 )
                 .await
                 .expect("count")
-                .get(0)
-        };
-        assert_eq!(committed(7).await, 1, "{what}: after the batch");
-        c.send(&raw::flushed(&format!(
-            "INSERT INTO {table} (id) VALUES (8)"
-        )))
-        .await;
-        c.until_complete().await;
-        c.send(&raw::query("SELECT tessera_next_id()")).await;
-        let answered = c.until_ready().await;
-        assert_eq!(
-            raw::tags(&answered),
-            "TDCZ",
-            "{what}: {}",
-            raw::explain(&answered)
-        );
-        assert_eq!(committed(8).await, 1, "{what}: after tessera_next_id()");
-        c.send(&[raw::parse("s9", "SELECT 9"), raw::sync()].concat())
-            .await;
-        c.until_ready().await;
-        c.send(&raw::flushed(&format!(
-            "INSERT INTO {table} (id) VALUES (9)"
-        )))
-        .await;
-        c.until_complete().await;
-        c.send(&raw::query("DEALLOCATE s9")).await;
-        let answered = c.until_ready().await;
-        assert_eq!(
-            raw::tags(&answered),
-            "CZ",
-            "{what}: {}",
-            raw::explain(&answered)
-        );
-        assert_eq!(committed(9).await, 1, "{what}: after DEALLOCATE");
+                .get(0);
+            assert_eq!(n, 1, "{what}: row {id} committed");
+        }
         let other = proxy.connect().await;
         other
             .batch_execute(&format!("DELETE FROM {table}"))
