@@ -1038,27 +1038,33 @@ async fn pools_of_one() -> (Proxy, Proxy) {
     (one, sharded)
 }
 
-/// After a batch ended by Flush, as on Postgres: one that fails ends its implicit transaction
-/// (the server skips up to the client's Sync, and so does the proxy), and a transaction begun
-/// after one keeps what it then does until its ROLLBACK.
-#[tokio::test(flavor = "multi_thread")]
-async fn after_a_batch_ended_by_flush() {
+/// As `pools_of_one`, with `table (id int)` sharded by id and created on every shard.
+async fn pools_of_one_with_table(table: &str) -> (Proxy, Proxy) {
     let one = Proxy::start(|c| c.pool.size = 1).await;
-    let table = unique("flushed");
-    // Sharded by id: the batch ended by Flush and the INSERT go to the same shard.
     let sharded = Proxy::start_sharded(|c| {
         c.pool.size = 1;
         c.routing.replica_reads = false;
-        c.sharding.tables.insert(table.clone(), "id".into());
+        c.sharding.tables.insert(table.to_string(), "id".into());
     })
     .await;
-    let primary = common::with_cluster(|c| c.shards()[0].primary.port);
     sharded
         .connect()
         .await
         .batch_execute(&format!("CREATE TABLE {table} (id int)"))
         .await
         .expect("create on every shard");
+    (one, sharded)
+}
+
+/// After a batch ended by Flush, as on Postgres: one that fails ends its implicit transaction
+/// (the server skips up to the client's Sync, and so does the proxy), and a transaction begun
+/// after one keeps what it then does until its ROLLBACK.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_batch_ended_by_flush() {
+    let table = unique("flushed");
+    // Sharded by id: the batch ended by Flush and the INSERT go to the same shard.
+    let (one, sharded) = pools_of_one_with_table(&table).await;
+    let primary = common::with_cluster(|c| c.shards()[0].primary.port);
     async fn exchange(port: u16, table: &str) -> Vec<String> {
         let mut c = raw::Raw::login(port).await;
         let mut replies = Vec::new();
@@ -1402,5 +1408,138 @@ async fn a_batch_ended_by_flush_keeps_its_connection_until_sync() {
         let c = other_client(proxy.port).await.expect("third client");
         assert_eq!(raw::tags(&c), "TDCZ", "{what}: {}", raw::explain(&c));
         assert_eq!(c[1].cols(), Some(vec![None]), "{what}");
+    }
+}
+
+/// An error the proxy raises inside a batch (an unknown statement name, a statement name
+/// already in use) ends the transaction as Postgres' own errors do: what the batch ran before
+/// it is rolled back, and inside a transaction block the block fails. Also when the batch's
+/// first part ended with a Flush.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_proxy_error_inside_a_batch_rolls_it_back() {
+    let table = unique("batch_error");
+    let (one, sharded) = pools_of_one_with_table(&table).await;
+    let primary = common::with_cluster(|c| c.shards()[0].primary.port);
+    struct Case {
+        begin: bool,
+        flush: bool,
+        bad: Vec<u8>,
+    }
+    async fn run(port: u16, table: &str, id: usize, case: &Case) -> Vec<String> {
+        let mut c = raw::Raw::login(port).await;
+        let mut replies = Vec::new();
+        let step = |replies: &mut Vec<String>, msgs: Vec<raw::Msg>| {
+            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
+            let m = msgs.iter().find_map(|m| m.field(b'M')).unwrap_or_default();
+            let status = msgs.last().map_or('-', |z| char::from(z.body[0]));
+            replies.push(format!("{} {status} {code} {m}", raw::tags(&msgs)));
+        };
+        if case.begin {
+            c.send(&raw::query("BEGIN")).await;
+            step(&mut replies, c.until_ready().await);
+        }
+        let insert = format!("INSERT INTO {table} (id) VALUES ({id})");
+        let mut first = [
+            raw::parse("dup", "SELECT 1"),
+            raw::parse("", &insert),
+            raw::bind("", "", &[]),
+            raw::execute("", 0),
+        ]
+        .concat();
+        if case.flush {
+            first.extend(raw::flush());
+            c.send(&first).await;
+            let msgs = c.until_complete().await;
+            replies.push(raw::tags(&msgs));
+            first.clear();
+        }
+        first.extend_from_slice(&case.bad);
+        first.extend([raw::execute("", 0), raw::sync()].concat());
+        c.send(&first).await;
+        step(&mut replies, c.until_ready().await);
+        if case.begin {
+            c.send(&raw::query("SELECT 1")).await;
+            step(&mut replies, c.until_ready().await);
+            c.send(&raw::query("COMMIT")).await;
+            step(&mut replies, c.until_ready().await);
+        }
+        c.send(&raw::query(&format!(
+            "SELECT count(*) FROM {table} WHERE id = {id}"
+        )))
+        .await;
+        let msgs = c.until_ready().await;
+        replies.push(msgs.iter().find_map(raw::Msg::col0).unwrap_or_default());
+        replies
+    }
+    let bad = [
+        raw::bind("", "nope", &[]),
+        raw::describe(b'S', "nope"),
+        raw::parse("dup", "SELECT 2"),
+    ];
+    let mut id = 0;
+    for begin in [false, true] {
+        for flush in [false, true] {
+            for bad in &bad {
+                let case = Case {
+                    begin,
+                    flush,
+                    bad: bad.clone(),
+                };
+                let what = format!("begin {begin}, flush {flush}, {:?}", char::from(bad[0]));
+                id += 1;
+                let direct = run(primary, &table, id, &case).await;
+                assert_eq!(
+                    direct.last().map(String::as_str),
+                    Some("0"),
+                    "{what}: {direct:?}"
+                );
+                for (port, on) in [(one.port, "one shard"), (sharded.port, "sharded")] {
+                    id += 1;
+                    assert_eq!(run(port, &table, id, &case).await, direct, "{on}, {what}");
+                }
+            }
+        }
+    }
+    // ROLLBACK TO a savepoint set before the batch recovers the transaction block.
+    async fn savepoint(port: u16, table: &str, id: usize) -> Vec<String> {
+        let mut c = raw::Raw::login(port).await;
+        let mut replies = Vec::new();
+        let insert = format!("INSERT INTO {table} (id) VALUES ({id})");
+        let steps = [
+            raw::query("BEGIN"),
+            raw::query("SAVEPOINT a"),
+            [
+                raw::parse("", &insert),
+                raw::bind("", "", &[]),
+                raw::execute("", 0),
+                raw::bind("", "nope", &[]),
+                raw::sync(),
+            ]
+            .concat(),
+            raw::query("ROLLBACK TO a"),
+            raw::query(&format!("{insert}, ({id})")),
+            raw::query("COMMIT"),
+            raw::query(&format!("SELECT count(*) FROM {table} WHERE id = {id}")),
+        ];
+        for step in &steps {
+            c.send(step).await;
+            let msgs = c.until_ready().await;
+            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
+            let value = msgs.iter().find_map(raw::Msg::col0).unwrap_or_default();
+            let status = msgs.last().map_or('-', |z| char::from(z.body[0]));
+            replies.push(format!("{} {status} {code}{value}", raw::tags(&msgs)));
+        }
+        replies
+    }
+    id += 1;
+    let direct = savepoint(primary, &table, id).await;
+    assert_eq!(
+        direct.last().map(String::as_str),
+        Some("TDCZ I 2"),
+        "{direct:?}"
+    );
+    for (port, on) in [(one.port, "one shard"), (sharded.port, "sharded")] {
+        id += 1;
+        assert_eq!(savepoint(port, &table, id).await, direct, "{on}, savepoint");
     }
 }

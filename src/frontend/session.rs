@@ -60,6 +60,10 @@ use local::{Local, next_id_call, next_id_description, next_id_row};
 /// Bind) is freed rather than held for the rest of the session.
 const SPARE_WIRE_MAX: usize = 64 * 1024;
 
+/// The statement `Kind::Fail` binds: never prepared (server-side names are the proxy's own), so
+/// the Bind fails, and the server's log names why.
+const FAIL_STATEMENT: &[u8] = b"tessera: an error raised by the proxy ends this";
+
 /// The plan of every statement when the router is a passthrough (one shard, no replicas).
 static PASSTHROUGH: std::sync::LazyLock<Plan> = std::sync::LazyLock::new(|| Plan {
     fanout: Fanout::One(router::ShardId(0)),
@@ -98,6 +102,10 @@ enum Kind {
     },
     /// The injected `SELECT pg_current_wal_insert_lsn()` after a write (read your writes).
     Lsn,
+    /// A Bind of a statement that cannot exist, sent where the proxy raised an error inside a
+    /// batch: the server fails there too, so what ran before it in the transaction is rolled
+    /// back (or the transaction block fails), as Postgres' own errors do. Its error is dropped.
+    Fail,
 }
 
 #[derive(Debug)]
@@ -1908,7 +1916,7 @@ impl Session {
             }
             targets.push(match frame.tag() {
                 tag::BIND => match self.plan_bind(frame, &overlay) {
-                    Ok(plan) => Some(plan),
+                    Ok(plan) => plan,
                     Err(e) => {
                         self.settle().await?;
                         match Box::pin(self.bind_syntax_error(frame, &overlay)).await {
@@ -2269,14 +2277,16 @@ impl Session {
         })
     }
 
-    /// The plan of a Bind: its statement's analysis evaluated with its values.
+    /// The plan of a Bind: its statement's analysis evaluated with its values. None for a
+    /// statement the client does not have: its error comes in order from batch_message, on
+    /// the connection the batch is using (where that error then ends the transaction).
     fn plan_bind(
         &self,
         frame: &Frame,
         overlay: &HashMap<Bytes, (Arc<Analysis>, Vec<u32>, Bytes)>,
-    ) -> Result<Plan, router::Error> {
+    ) -> Result<Option<Plan>, router::Error> {
         if self.shared.router.passthrough() {
-            return Ok(Plan::clone(&PASSTHROUGH));
+            return Ok(Some(Plan::clone(&PASSTHROUGH)));
         }
         let bad = |_| router::Error::BadKey("malformed Bind message".into());
         let bind = decode::bind(frame.body()).map_err(bad)?;
@@ -2302,12 +2312,7 @@ impl Session {
                         parse,
                         ..
                     }) => (analysis.clone(), types.clone(), parse.clone()),
-                    _ => {
-                        return self
-                            .shared
-                            .router
-                            .plan(&self.shared.router.analyze(""), &Params::none());
-                    }
+                    _ => return Ok(None),
                 }
             } else {
                 match self.statements.get(bind.statement) {
@@ -2316,13 +2321,7 @@ impl Session {
                         stmt.param_types.lock().clone(),
                         stmt.parse.clone(),
                     ),
-                    // The error for an unknown statement comes in order from batch_message.
-                    None => {
-                        return self
-                            .shared
-                            .router
-                            .plan(&self.shared.router.analyze(""), &Params::none());
-                    }
+                    None => return Ok(None),
                 }
             };
         let params = Params::from_bind(bind.rest, &types).map_err(bad)?;
@@ -2335,6 +2334,7 @@ impl Session {
         self.shared
             .router
             .plan_sql(&analysis, &params, sql.as_deref())
+            .map(Some)
     }
 
     /// One extended-protocol message of a batch (`msg` whole: type, length, body) on its way to
@@ -2385,7 +2385,7 @@ impl Session {
                         "prepared statement \"{}\" already exists",
                         String::from_utf8_lossy(&name)
                     );
-                    self.synthetic_error(i, "42P05", &msg);
+                    self.synthetic_error(i, "42P05", &msg, wire);
                     return Ok(());
                 }
                 let stmt = self.shared.statements.intern(&parse, &self.shared.router);
@@ -2411,7 +2411,7 @@ impl Session {
                 }
                 let portal_unnamed = bind.portal.is_empty();
                 if bind.statement.is_empty() {
-                    if self.unnamed_missing(i) {
+                    if self.unnamed_missing(i, wire) {
                         return Ok(());
                     }
                     self.ensure_unnamed(i, wire);
@@ -2423,7 +2423,7 @@ impl Session {
                         }
                     }
                 } else {
-                    let Some(stmt) = self.lookup(i, bind.statement) else {
+                    let Some(stmt) = self.lookup(i, bind.statement, wire) else {
                         return Ok(());
                     };
                     self.ensure_prepared(i, &stmt, wire);
@@ -2443,7 +2443,7 @@ impl Session {
                 let (kind, name) = decode::target(&msg[5..], "Describe")?;
                 let mut described = None;
                 if kind == b'S' && !name.is_empty() {
-                    let Some(stmt) = self.lookup(i, name) else {
+                    let Some(stmt) = self.lookup(i, name, wire) else {
                         return Ok(());
                     };
                     self.ensure_prepared(i, &stmt, wire);
@@ -2454,7 +2454,7 @@ impl Session {
                     described = Some(stmt);
                 } else {
                     if kind == b'S' {
-                        if self.unnamed_missing(i) {
+                        if self.unnamed_missing(i, wire) {
                             return Ok(());
                         }
                         self.ensure_unnamed(i, wire);
@@ -2518,7 +2518,7 @@ impl Session {
     }
 
     /// The client's statement by name, or an error queued in its place.
-    fn lookup(&mut self, i: usize, name: &[u8]) -> Option<Arc<Statement>> {
+    fn lookup(&mut self, i: usize, name: &[u8], wire: &mut BytesMut) -> Option<Arc<Statement>> {
         if let Some(stmt) = self.statements.get(name) {
             return Some(stmt.clone());
         }
@@ -2526,18 +2526,32 @@ impl Session {
             "prepared statement \"{}\" does not exist",
             String::from_utf8_lossy(name)
         );
-        self.synthetic_error(i, "26000", &msg);
+        self.synthetic_error(i, "26000", &msg, wire);
         None
     }
 
     /// An error the proxy raises inside a batch: like Postgres, it skips the rest up to Sync.
-    fn synthetic_error(&mut self, i: usize, code: &str, msg: &str) {
+    /// The server is made to fail at the same point (`Kind::Fail`), which ends the transaction
+    /// as the error would on Postgres: an implicit one rolls back what the batch ran before the
+    /// error, a transaction block fails.
+    fn synthetic_error(&mut self, i: usize, code: &str, msg: &str, wire: &mut BytesMut) {
         let mut err = BytesMut::new();
         super::error(&mut err, code, msg);
-        self.conns[i]
-            .expect
-            .push_back(Expect::Synthetic(err.freeze()));
+        let held = &mut self.conns[i];
+        held.expect.push_back(Expect::Synthetic(err.freeze()));
+        build::message(wire, tag::BIND, |b| {
+            build::cstr(b, b"");
+            build::cstr(b, FAIL_STATEMENT);
+            b.put_slice(&[0, 0, 0, 0, 0, 0]); // no formats, no parameters, no result formats
+        });
+        held.expect.push_back(Expect::Reply {
+            kind: Kind::Fail,
+            forward: false,
+        });
         self.skip_until_sync = true;
+        if let Some(tx) = self.tx.as_mut() {
+            tx.failed = true;
+        }
     }
 
     fn ensure_prepared(&mut self, i: usize, stmt: &Statement, wire: &mut BytesMut) {
@@ -2557,11 +2571,16 @@ impl Session {
     /// The client has no unnamed statement (none Parsed, or its Parse was refused): an error
     /// queued for a Bind or Describe of it, as Postgres answers. Sent on, the message would
     /// find whatever unnamed statement the server connection has, perhaps another client's.
-    fn unnamed_missing(&mut self, i: usize) -> bool {
+    fn unnamed_missing(&mut self, i: usize, wire: &mut BytesMut) -> bool {
         if self.unnamed.is_some() || self.conns[i].unnamed_ready {
             return false;
         }
-        self.synthetic_error(i, "26000", "unnamed prepared statement does not exist");
+        self.synthetic_error(
+            i,
+            "26000",
+            "unnamed prepared statement does not exist",
+            wire,
+        );
         true
     }
 
@@ -2879,8 +2898,16 @@ impl Session {
             held.unnamed_ready = false;
             self.unnamed = None;
         }
-        // An injected Parse that fails still answers for the client's request that needed it.
-        if merge_ok {
+        // An injected Parse that fails still answers for the client's request that needed it;
+        // a `Kind::Fail` failing as asked does not: the client has the proxy's error.
+        let asked = matches!(
+            held.expect.front(),
+            Some(Expect::Reply {
+                kind: Kind::Fail,
+                ..
+            })
+        );
+        if merge_ok && !asked {
             self.out.extend_from_slice(frame.bytes());
         }
         if self.merge.is_none() {

@@ -447,12 +447,17 @@ impl Session {
             match &self.unnamed {
                 Some(u) => u.types.clone(),
                 None => {
-                    self.synthetic_error(i, "26000", "unnamed prepared statement does not exist");
+                    self.synthetic_error(
+                        i,
+                        "26000",
+                        "unnamed prepared statement does not exist",
+                        wire,
+                    );
                     return Ok(());
                 }
             }
         } else {
-            match self.lookup(i, bind.statement) {
+            match self.lookup(i, bind.statement, wire) {
                 Some(stmt) => stmt.param_types.lock().clone(),
                 None => return Ok(()),
             }
@@ -533,7 +538,7 @@ impl Session {
                 .map(|u| u.types.clone())
                 .unwrap_or_default()
         } else {
-            match self.lookup(i, bind.statement) {
+            match self.lookup(i, bind.statement, wire) {
                 Some(stmt) => stmt.param_types.lock().clone(),
                 None => return Ok(()),
             }
