@@ -1185,12 +1185,45 @@ async fn a_missing_unnamed_statement_is_an_error() {
         raw::extended("SELEC 42"),
         bound(),
         [raw::describe(b'S', ""), raw::sync()].concat(),
+        // In a pipeline the server skips a Parse after an error: no unnamed statement either.
+        [
+            raw::parse("", "SELEC 44"),
+            raw::bind("", "", &[]),
+            raw::execute("", 0),
+            raw::parse("", "SELECT 45"),
+            raw::bind("", "", &[]),
+            raw::execute("", 0),
+            raw::sync(),
+        ]
+        .concat(),
+        bound(),
+        // An error after a Parse that succeeded: that statement stays the unnamed one.
+        [
+            raw::parse("", "SELECT 1 / (random() * 0)::int"),
+            raw::bind("", "", &[]),
+            raw::execute("", 0),
+            raw::parse("", "SELECT 46"),
+            raw::bind("", "", &[]),
+            raw::execute("", 0),
+            raw::sync(),
+        ]
+        .concat(),
+        bound(),
     ];
     let direct = exchange(primary, &steps).await;
     assert_eq!(
         direct,
         [
-            "EZ 26000", "12DCZ 41", "2DCZ 41", "EZ 42601", "EZ 26000", "EZ 26000"
+            "EZ 26000",
+            "12DCZ 41",
+            "2DCZ 41",
+            "EZ 42601",
+            "EZ 26000",
+            "EZ 26000",
+            "EZ 42601",
+            "EZ 26000",
+            "12EZ 22012",
+            "2EZ 22012"
         ]
     );
     for (proxy, what) in [(&one, "one shard"), (&sharded, "sharded")] {

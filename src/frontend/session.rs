@@ -79,10 +79,14 @@ static PASSTHROUGH: std::sync::LazyLock<Plan> = std::sync::LazyLock::new(|| Plan
 /// What a reply from the server answers.
 #[derive(Debug)]
 enum Kind {
-    /// `stmt`: the registry id it creates on the server; `client`: the client's name for it.
+    /// `stmt`: the registry id it creates on the server; `client`: the client's name for it;
+    /// `before`, for the client's own Parse of the unnamed statement: its unnamed statement
+    /// before this one, which stays its statement if the server skips this Parse (after an
+    /// error earlier in the pipeline).
     Parse {
         stmt: Option<u64>,
         client: Option<Bytes>,
+        before: Option<Arc<Unnamed>>,
     },
     Bind,
     /// `stmt`: the statement described, to learn its parameter types.
@@ -249,6 +253,7 @@ struct LocalPortal {
 }
 
 /// The client's unnamed prepared statement.
+#[derive(Debug)]
 struct Unnamed {
     /// The Parse message, copied out of the client's read buffer so it keeps none of it alive.
     parse: Bytes,
@@ -269,7 +274,7 @@ pub struct Session {
     /// The client's named statements. Looked up on every Bind: a fast hash (a client choosing
     /// colliding names slows only its own session).
     statements: FxHashMap<Bytes, Arc<Statement>>,
-    unnamed: Option<Unnamed>,
+    unnamed: Option<Arc<Unnamed>>,
     /// The batch being routed (on a sharded map) has a Parse of the unnamed statement: if the
     /// proxy refuses the batch, the client's previous unnamed statement is gone all the same,
     /// as a Parse on Postgres drops it even when it fails.
@@ -2305,7 +2310,7 @@ impl Session {
                     parse.clone(),
                 )
             } else if bind.statement.is_empty() {
-                match &self.unnamed {
+                match self.unnamed.as_deref() {
                     Some(Unnamed {
                         analysis: Some(analysis),
                         types,
@@ -2359,7 +2364,8 @@ impl Session {
                     .as_ref()
                     .is_some_and(|u| u.parse[..] == msg[..]);
                 if known && self.local_statements.is_empty() {
-                    self.parse_unnamed(i, msg, wire);
+                    let before = self.unnamed.clone();
+                    self.parse_unnamed(i, msg, wire, before);
                     return Ok(());
                 }
                 let parse = decode::parse(&msg[5..])?;
@@ -2367,16 +2373,17 @@ impl Session {
                     self.local_statements.remove(parse.name);
                 }
                 if parse.name.is_empty() {
+                    let before = self.unnamed.clone();
                     if !known {
-                        self.unnamed = Some(Unnamed {
+                        self.unnamed = Some(Arc::new(Unnamed {
                             parse: Bytes::copy_from_slice(msg),
                             analysis: (!self.shared.router.passthrough())
                                 .then(|| self.shared.router.analyze(&decode::text(parse.query))),
                             types: crate::server::parse_param_types(parse.param_types),
                             changes: super::settings::effects_of(parse.query).changes,
-                        });
+                        }));
                     }
-                    self.parse_unnamed(i, msg, wire);
+                    self.parse_unnamed(i, msg, wire, before);
                     return Ok(());
                 }
                 let name = Bytes::copy_from_slice(parse.name);
@@ -2400,6 +2407,7 @@ impl Session {
                     held.expect.push_back(reply(Kind::Parse {
                         stmt: Some(stmt.id),
                         client: Some(name.clone()),
+                        before: None,
                     }));
                 }
                 self.statements.insert(name, stmt);
@@ -2503,8 +2511,15 @@ impl Session {
         Ok(())
     }
 
-    /// Sends a Parse of the unnamed statement (`self.unnamed` already describes it).
-    fn parse_unnamed(&mut self, i: usize, msg: &[u8], wire: &mut BytesMut) {
+    /// Sends the client's Parse of the unnamed statement (`self.unnamed` already describes
+    /// it; `before` did until now).
+    fn parse_unnamed(
+        &mut self,
+        i: usize,
+        msg: &[u8],
+        wire: &mut BytesMut,
+        before: Option<Arc<Unnamed>>,
+    ) {
         let held = &mut self.conns[i];
         held.unnamed_ready = true;
         wire.extend_from_slice(msg);
@@ -2512,6 +2527,7 @@ impl Session {
             kind: Kind::Parse {
                 stmt: None,
                 client: None,
+                before,
             },
             forward: true,
         });
@@ -2562,6 +2578,7 @@ impl Session {
                 kind: Kind::Parse {
                     stmt: Some(stmt.id),
                     client: None,
+                    before: None,
                 },
                 forward: false,
             });
@@ -2596,6 +2613,7 @@ impl Session {
                 kind: Kind::Parse {
                     stmt: None,
                     client: None,
+                    before: None,
                 },
                 forward: false,
             });
@@ -2660,15 +2678,7 @@ impl Session {
                     // the server, the connection stays with the client.
                     held.unsynced = true;
                     let head = held.expect.pop_front();
-                    held.expect.retain(|e| {
-                        !matches!(
-                            e,
-                            Expect::Reply {
-                                kind: Kind::Sync,
-                                ..
-                            }
-                        )
-                    });
+                    held.expect.retain(|e| !is_sync(e));
                     if let Some(head) = head {
                         held.expect.push_front(head);
                     }
@@ -2865,13 +2875,15 @@ impl Session {
             }
             return Ok(());
         }
+        // The client's own Parse of the unnamed statement.
         let unnamed_parse = |e: &Expect| {
             matches!(
                 e,
                 Expect::Reply {
                     kind: Kind::Parse {
                         client: None,
-                        stmt: None
+                        stmt: None,
+                        ..
                     },
                     forward: true,
                 }
@@ -2882,6 +2894,7 @@ impl Session {
                 Kind::Parse {
                     client: None,
                     stmt: None,
+                    ..
                 },
             forward: false,
         }) = held.expect.front()
@@ -2889,14 +2902,29 @@ impl Session {
             // The proxy's own Parse of it failed here: not on this connection, then.
             held.unnamed_ready = false;
         }
-        // (Not when a later Parse of it is already on its way, which replaces it again.)
-        if held.expect.front().is_some_and(unnamed_parse)
-            && !held.expect.iter().skip(1).any(unnamed_parse)
-        {
-            // The unnamed statement's Parse failed: on Postgres the statement is gone (the
-            // Parse dropped the previous one first), so a later Bind of it is an error too.
-            held.unnamed_ready = false;
-            self.unnamed = None;
+        // The server skips what comes before the next Sync; a Parse of the unnamed statement
+        // after that Sync sets it again whatever happened here.
+        let sync_at = held
+            .expect
+            .iter()
+            .position(is_sync)
+            .unwrap_or(held.expect.len());
+        if !held.expect.iter().skip(sync_at).any(unnamed_parse) {
+            if held.expect.front().is_some_and(unnamed_parse) {
+                // The unnamed statement's Parse failed: on Postgres the statement is gone (the
+                // Parse dropped the previous one first), so a later Bind of it is an error too.
+                held.unnamed_ready = false;
+                self.unnamed = None;
+            } else if let Some(Expect::Reply {
+                kind: Kind::Parse { before, .. },
+                ..
+            }) = held.expect.iter().take(sync_at).find(|e| unnamed_parse(e))
+            {
+                // A later Parse of it is skipped: the one before stays the client's. This
+                // connection may hold another (it was parsed elsewhere): parsed again if bound.
+                self.unnamed = before.clone();
+                held.unnamed_ready = false;
+            }
         }
         // An injected Parse that fails still answers for the client's request that needed it;
         // a `Kind::Fail` failing as asked does not: the client has the proxy's error.
@@ -2911,29 +2939,14 @@ impl Session {
             self.out.extend_from_slice(frame.bytes());
         }
         if self.merge.is_none() {
-            self.skip_until_sync = self.skip_until_sync
-                || !held.expect.iter().any(|e| {
-                    matches!(
-                        e,
-                        Expect::Reply {
-                            kind: Kind::Sync,
-                            ..
-                        }
-                    )
-                });
+            self.skip_until_sync = self.skip_until_sync || !held.expect.iter().any(is_sync);
         }
         while let Some(front) = held.expect.front() {
-            if matches!(
-                front,
-                Expect::Reply {
-                    kind: Kind::Sync,
-                    ..
-                }
-            ) {
+            if is_sync(front) {
                 break;
             }
             if let Some(Expect::Reply {
-                kind: Kind::Parse { stmt, client },
+                kind: Kind::Parse { stmt, client, .. },
                 ..
             }) = held.expect.pop_front()
             {
@@ -2945,17 +2958,7 @@ impl Session {
                 }
             }
         }
-        if (was_copy_in || held.unsynced)
-            && !held.expect.iter().any(|e| {
-                matches!(
-                    e,
-                    Expect::Reply {
-                        kind: Kind::Sync,
-                        ..
-                    }
-                )
-            })
-        {
+        if (was_copy_in || held.unsynced) && !held.expect.iter().any(is_sync) {
             // The server now ignores everything up to a Sync, which is not coming: a COPY FROM
             // STDIN started by Execute failed, and the client's Sync was already spent (ignored
             // during the copy); or a batch ended by Flush failed, and what the client sends
@@ -3156,6 +3159,16 @@ fn ends_reply(kind: &Kind, t: u8) -> Ends {
         (Kind::Query { .. } | Kind::Lsn, _) => Ends::No,
         _ => Ends::Mismatch,
     }
+}
+
+fn is_sync(e: &Expect) -> bool {
+    matches!(
+        e,
+        Expect::Reply {
+            kind: Kind::Sync,
+            ..
+        }
+    )
 }
 
 /// Sends every synthetic reply at the head of the queue (in a merge, only the first

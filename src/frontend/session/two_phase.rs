@@ -282,12 +282,12 @@ impl Session {
         let parse = decode::parse(frame.body()).map_err(|e| self.client_error(e))?;
         let sql = String::from_utf8_lossy(parse.query).into_owned();
         if parse.name.is_empty() {
-            self.unnamed = Some(Unnamed {
+            self.unnamed = Some(Arc::new(Unnamed {
                 parse: frame.bytes().clone(),
                 analysis: Some(self.shared.router.analyze(&sql)),
                 types: crate::server::parse_param_types(parse.param_types),
                 changes: crate::frontend::settings::effects(&sql).changes,
-            });
+            }));
             for held in &mut self.conns {
                 held.unnamed_ready = false;
             }
