@@ -1575,4 +1575,40 @@ async fn a_proxy_error_inside_a_batch_rolls_it_back() {
         id += 1;
         assert_eq!(savepoint(port, &table, id).await, direct, "{on}, savepoint");
     }
+    // An error the proxy raises for a whole request (a statement the router cannot place)
+    // after a batch ended by Flush rolls that batch back too, and the connection goes on; in
+    // session pooling as well.
+    let session = Proxy::start_sharded(|c| {
+        c.pool.size = 1;
+        c.pool.mode = PoolMode::Session;
+        c.routing.replica_reads = false;
+        c.sharding.tables.insert(table.clone(), "id".into());
+    })
+    .await;
+    for (proxy, what) in [
+        (&sharded, "transaction pooling"),
+        (&session, "session pooling"),
+    ] {
+        id += 1;
+        let mut c = raw::Raw::login(proxy.port).await;
+        c.send(&raw::flushed(&format!(
+            "INSERT INTO {table} (id) VALUES ({id})"
+        )))
+        .await;
+        c.until_complete().await;
+        c.send(&raw::query("SELECT collation for ('a')")).await;
+        let refused = c.until_ready().await;
+        let code = refused.iter().find_map(raw::Msg::code);
+        assert_eq!(code.as_deref(), Some("0A000"), "{what}");
+        for step in [
+            raw::query(&format!("SELECT count(*) FROM {table} WHERE id = {id}")),
+            raw::extended(&format!("SELECT count(*) FROM {table} WHERE id = {id}")),
+        ] {
+            c.send(&step).await;
+            let counted = c.until_ready().await;
+            let status = counted.last().map(|z| char::from(z.body[0]));
+            let n = counted.iter().find_map(raw::Msg::col0);
+            assert_eq!((n.as_deref(), status), (Some("0"), Some('I')), "{what}");
+        }
+    }
 }

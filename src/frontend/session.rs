@@ -1629,24 +1629,38 @@ impl Session {
     }
 
     /// An error the proxy raised for a request: outside a transaction block, it ends the
-    /// implicit transaction a batch ended by Flush left open, which Postgres rolls back, as
-    /// closing the connection does. (Callers have settled the replies pending.)
+    /// implicit transaction a batch ended by Flush left open, which Postgres rolls back. The
+    /// server is made to fail (`Kind::Fail`) and synced; the replies are the proxy's own. A
+    /// connection that cannot take those at once is closed, which rolls back too. (Callers
+    /// have settled the replies pending.)
     fn abort_implicit(&mut self) {
-        // (In session pooling the connection is the client's, with whatever else it holds:
-        // it stays, and the client's next Sync ends the transaction.)
-        if self.tx.is_some()
-            || self.mode == PoolMode::Session
-            || !self.conns.iter().any(|h| h.unsynced)
-        {
+        if self.tx.is_some() || !self.conns.iter().any(|h| h.unsynced) {
             return;
         }
+        let mut wire = BytesMut::new();
+        fail(&mut wire);
+        build::sync(&mut wire);
+        let mut closed = false;
         for held in self.conns.iter_mut().filter(|h| h.unsynced) {
-            held.conn.broken = true;
+            let written = held.conn.writer.try_write(&wire);
+            if written.is_ok_and(|n| n == wire.len()) {
+                for kind in [Kind::Fail, Kind::Sync] {
+                    held.expect.push_back(Expect::Reply {
+                        kind,
+                        forward: false,
+                    });
+                }
+            } else {
+                held.conn.broken = true;
+                closed = true;
+            }
         }
-        self.conns.retain(|h| !h.unsynced);
-        self.cancel
-            .targets
-            .set(self.conns.iter().map(|h| h.conn.key.clone()));
+        if closed {
+            self.conns.retain(|h| !h.conn.broken);
+            self.cancel
+                .targets
+                .set(self.conns.iter().map(|h| h.conn.key.clone()));
+        }
     }
 
     /// The client's Sync, answered by the proxy: it ends the implicit transactions batches
@@ -2555,11 +2569,7 @@ impl Session {
         super::error(&mut err, code, msg);
         let held = &mut self.conns[i];
         held.expect.push_back(Expect::Synthetic(err.freeze()));
-        build::message(wire, tag::BIND, |b| {
-            build::cstr(b, b"");
-            build::cstr(b, FAIL_STATEMENT);
-            b.put_slice(&[0, 0, 0, 0, 0, 0]); // no formats, no parameters, no result formats
-        });
+        fail(wire);
         held.expect.push_back(Expect::Reply {
             kind: Kind::Fail,
             forward: false,
@@ -3159,6 +3169,15 @@ fn ends_reply(kind: &Kind, t: u8) -> Ends {
         (Kind::Query { .. } | Kind::Lsn, _) => Ends::No,
         _ => Ends::Mismatch,
     }
+}
+
+/// The message of `Kind::Fail`: a Bind of a statement that cannot exist.
+fn fail(wire: &mut BytesMut) {
+    build::message(wire, tag::BIND, |b| {
+        build::cstr(b, b"");
+        build::cstr(b, FAIL_STATEMENT);
+        b.put_slice(&[0, 0, 0, 0, 0, 0]); // no formats, no parameters, no result formats
+    });
 }
 
 fn is_sync(e: &Expect) -> bool {
