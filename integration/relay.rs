@@ -1612,3 +1612,162 @@ async fn a_proxy_error_inside_a_batch_rolls_it_back() {
         }
     }
 }
+
+/// A transaction block begun after a batch ended by Flush takes in what that batch ran, as on
+/// Postgres: its ROLLBACK rolls it back, its COMMIT commits it (simple and extended protocol).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_begun_after_a_flush_takes_in_the_batch() {
+    let table = unique("flush_begin");
+    let (one, sharded) = pools_of_one_with_table(&table).await;
+    let primary = common::with_cluster(|c| c.shards()[0].primary.port);
+    async fn run(port: u16, table: &str, id: usize, begin: &[u8], end: &[u8]) -> Vec<String> {
+        let mut c = raw::Raw::login(port).await;
+        c.send(&raw::flushed(&format!(
+            "INSERT INTO {table} (id) VALUES ({id})"
+        )))
+        .await;
+        let mut replies = vec![raw::tags(&c.until_complete().await)];
+        let count = raw::query(&format!("SELECT count(*) FROM {table} WHERE id = {id}"));
+        for step in [begin, end, &count[..]] {
+            c.send(step).await;
+            let msgs = c.until_ready().await;
+            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
+            eprintln!("{}", raw::explain(&msgs));
+            let value = msgs.iter().find_map(raw::Msg::col0).unwrap_or_default();
+            let status = msgs.last().map_or('-', |z| char::from(z.body[0]));
+            replies.push(format!("{} {status} {code}{value}", raw::tags(&msgs)));
+        }
+        replies
+    }
+    let mut id = 0;
+    for word in ["ROLLBACK", "COMMIT"] {
+        for (begin, end, what) in [
+            (raw::query("BEGIN"), raw::query(word), "simple"),
+            (raw::extended("BEGIN"), raw::extended(word), "extended"),
+            (
+                raw::query("BEGIN"),
+                raw::extended(word),
+                "simple BEGIN, extended end",
+            ),
+        ] {
+            id += 1;
+            let direct = run(primary, &table, id, &begin, &end).await;
+            for (port, on) in [(one.port, "one shard"), (sharded.port, "sharded")] {
+                id += 1;
+                let got = run(port, &table, id, &begin, &end).await;
+                assert_eq!(got, direct, "{on}, {what} {word}");
+            }
+        }
+    }
+}
+
+/// The unnamed statement a Bind finds is the one the client parsed last, on whichever shard the
+/// Bind goes to: not an older one another shard's connection still holds, nor none because the
+/// proxy's own simple Query (a deferred BEGIN) dropped it there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bind_finds_the_last_unnamed_statement_on_every_shard() {
+    let table = unique("unnamed_shards");
+    let (_, sharded) = pools_of_one_with_table(&table).await;
+    let client = sharded.connect().await;
+    // Two ids on different shards, told apart by the server each row lives on.
+    let mut on_shard = std::collections::HashMap::new();
+    for id in 1..=20 {
+        client
+            .execute(&format!("INSERT INTO {table} (id) VALUES ({id})"), &[])
+            .await
+            .expect("insert");
+        let port: i32 = client
+            .query_one(
+                &format!("SELECT inet_server_port() FROM {table} WHERE id = {id}"),
+                &[],
+            )
+            .await
+            .expect("port")
+            .get(0);
+        on_shard.entry(port).or_insert(id);
+    }
+    let ids: Vec<i32> = on_shard.values().copied().collect();
+    let [a, b] = ids[..] else {
+        panic!("ids on two shards: {on_shard:?}")
+    };
+    let select = |word: &str| format!("SELECT '{word}', id FROM {table} WHERE id = $1::int");
+    let run = |id: i32| {
+        [
+            raw::bind("", "", &[&id.to_string()]),
+            raw::execute("", 0),
+            raw::sync(),
+        ]
+        .concat()
+    };
+    for begin in [true, false] {
+        let mut c = raw::Raw::login(sharded.port).await;
+        if begin {
+            c.send(&raw::query("BEGIN")).await;
+            c.until_ready().await;
+        }
+        let mut rows = Vec::new();
+        for (step, id) in [(Some("first"), a), (Some("second"), b), (None, a)] {
+            let mut msgs = step.map(|w| raw::parse("", &select(w))).unwrap_or_default();
+            msgs.extend(run(id));
+            c.send(&msgs).await;
+            let reply = c.until_ready().await;
+            rows.push(
+                reply
+                    .iter()
+                    .find_map(raw::Msg::cols)
+                    .map(|cols| {
+                        cols.iter()
+                            .map(|v| {
+                                String::from_utf8_lossy(v.as_deref().unwrap_or(b"")).into_owned()
+                            })
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .unwrap_or_else(|| raw::explain(&reply)),
+            );
+        }
+        if begin {
+            c.send(&raw::query("COMMIT")).await;
+            c.until_ready().await;
+        }
+        assert_eq!(
+            rows,
+            [
+                format!("first {a}"),
+                format!("second {b}"),
+                format!("second {a}")
+            ],
+            "begin {begin}"
+        );
+    }
+    // In session pooling the connection stays with the client: after a write, the proxy's
+    // read-your-writes probe (a simple Query) dropped the server's unnamed statement, and a
+    // Bind of it again still runs it, as on Postgres.
+    let session = Proxy::start_sharded(|c| {
+        c.pool.mode = PoolMode::Session;
+        c.sharding.tables.insert(table.clone(), "id".into());
+    })
+    .await;
+    let primary = common::with_cluster(|c| c.shards()[0].primary.port);
+    let insert = format!("INSERT INTO {table} (id) VALUES ($1::int)");
+    // (Also when the Bind comes right behind, while the probe is still running.)
+    for (port, id) in [(primary, 1001), (session.port, 1002)] {
+        let mut c = raw::Raw::login(port).await;
+        c.send(&[raw::parse("", &insert), run(id)].concat()).await;
+        c.until_ready().await;
+        c.send(&run(id)).await;
+        let again = c.until_ready().await;
+        assert_eq!(raw::tags(&again), "2CZ", "{}", raw::explain(&again));
+        c.send(&[run(id), run(id)].concat()).await;
+        for _ in 0..2 {
+            let behind = c.until_ready().await;
+            assert_eq!(raw::tags(&behind), "2CZ", "{}", raw::explain(&behind));
+        }
+        c.send(&raw::query(&format!(
+            "SELECT count(*) FROM {table} WHERE id = {id}"
+        )))
+        .await;
+        let n = c.until_ready().await.iter().find_map(raw::Msg::col0);
+        assert_eq!(n.as_deref(), Some("4"), "port {port}");
+    }
+}

@@ -138,7 +138,8 @@ struct Held {
     key: ConnKey,
     conn: PooledConn,
     expect: VecDeque<Expect>,
-    /// The client's unnamed statement exists on this connection.
+    /// The client's unnamed statement exists on this connection (unless a simple Query sent
+    /// since drops it: see [`Held::has_unnamed`]).
     unnamed_ready: bool,
     /// The server is in COPY FROM STDIN mode.
     copy_in: bool,
@@ -176,6 +177,27 @@ fn note_command(last_tag: &mut Vec<u8>, body: &[u8]) {
 }
 
 impl Held {
+    /// Whether the client's unnamed statement is on this server connection once what is sent
+    /// has run. A simple Query drops the server's unnamed statement, the proxy's own ones too
+    /// (a deferred BEGIN, a settings replay, a read-your-writes probe): of those still pending
+    /// and the Parses of it, the last one sent decides.
+    fn has_unnamed(&self) -> bool {
+        if !self.unnamed_ready {
+            return false;
+        }
+        for e in self.expect.iter().rev() {
+            match e {
+                Expect::Reply {
+                    kind: Kind::Query { .. } | Kind::Lsn,
+                    ..
+                } => return false,
+                e if parses_unnamed(e) => return true,
+                _ => {}
+            }
+        }
+        true
+    }
+
     /// Whether another client may have the connection: nothing pending, no COPY, no
     /// transaction open, explicit or implicit.
     fn releasable(&self) -> bool {
@@ -1255,6 +1277,7 @@ impl Session {
                     savepoints: Vec::new(),
                     implicit: false,
                 });
+                self.begin_unsynced().await?;
                 self.reply_locally("BEGIN")
             }
             TxCommand::Commit | TxCommand::Rollback => {
@@ -1661,6 +1684,19 @@ impl Session {
                 .targets
                 .set(self.conns.iter().map(|h| h.conn.key.clone()));
         }
+    }
+
+    /// A transaction block begun while a batch ended by Flush holds a connection in an
+    /// implicit transaction: on Postgres BEGIN turns that into the block, so the block begins
+    /// there now (ROLLBACK and COMMIT then reach it even if nothing else runs there).
+    async fn begin_unsynced(&mut self) -> Result<(), End> {
+        if let Some(i) = self.conns.iter().position(|h| h.unsynced && !h.begun) {
+            let key = self.conns[i].key;
+            if let Err(e) = self.pin(key).await {
+                return Err(self.server_lost(i, e));
+            }
+        }
+        Ok(())
     }
 
     /// The client's Sync, answered by the proxy: it ends the implicit transactions batches
@@ -2080,17 +2116,7 @@ impl Session {
                 continue;
             }
             let key = match &targets[n] {
-                Some(plan) if plan.tx.is_some() => self
-                    .conns
-                    .iter()
-                    .find(|h| h.begun)
-                    .map_or(ConnKey::primary(0), |h| h.key),
-                Some(plan) => {
-                    let Fanout::One(shard) = plan.fanout else {
-                        unreachable!("single-shard batch")
-                    };
-                    self.choose(shard.0, plan)
-                }
+                Some(plan) => self.bind_key(plan),
                 None if let Some(key) = portal_of(&frame).and_then(|p| self.portals.get(p)) => key,
                 None => match current {
                     Some(i)
@@ -2288,12 +2314,27 @@ impl Session {
     }
 
     fn next_bind_key(&self, targets: &[Option<Plan>], from: usize) -> Option<ConnKey> {
-        targets[from..].iter().flatten().next().map(|plan| {
-            let Fanout::One(shard) = plan.fanout else {
-                return ConnKey::primary(0);
-            };
-            self.choose(shard.0, plan)
-        })
+        targets[from..]
+            .iter()
+            .flatten()
+            .next()
+            .map(|plan| self.bind_key(plan))
+    }
+
+    /// Where a Bind with this plan goes in a batch for one shard (a Parse before it goes
+    /// there too): transaction control where the transaction is, anything else by its shard.
+    fn bind_key(&self, plan: &Plan) -> ConnKey {
+        if plan.tx.is_some() {
+            return self
+                .conns
+                .iter()
+                .find(|h| h.begun)
+                .map_or(ConnKey::primary(0), |h| h.key);
+        }
+        match plan.fanout {
+            Fanout::One(shard) => self.choose(shard.0, plan),
+            _ => ConnKey::primary(0),
+        }
     }
 
     /// The plan of a Bind: its statement's analysis evaluated with its values. None for a
@@ -2389,6 +2430,10 @@ impl Session {
                 if parse.name.is_empty() {
                     let before = self.unnamed.clone();
                     if !known {
+                        // Other connections hold the old statement, if any.
+                        for held in &mut self.conns {
+                            held.unnamed_ready = false;
+                        }
                         self.unnamed = Some(Arc::new(Unnamed {
                             parse: Bytes::copy_from_slice(msg),
                             analysis: (!self.shared.router.passthrough())
@@ -2599,7 +2644,7 @@ impl Session {
     /// queued for a Bind or Describe of it, as Postgres answers. Sent on, the message would
     /// find whatever unnamed statement the server connection has, perhaps another client's.
     fn unnamed_missing(&mut self, i: usize, wire: &mut BytesMut) -> bool {
-        if self.unnamed.is_some() || self.conns[i].unnamed_ready {
+        if self.unnamed.is_some() || self.conns[i].has_unnamed() {
             return false;
         }
         self.synthetic_error(
@@ -2613,7 +2658,7 @@ impl Session {
 
     fn ensure_unnamed(&mut self, i: usize, wire: &mut BytesMut) {
         let held = &mut self.conns[i];
-        if held.unnamed_ready {
+        if held.has_unnamed() {
             return;
         }
         if let Some(unnamed) = &self.unnamed {
@@ -2743,6 +2788,13 @@ impl Session {
 
     /// Bookkeeping when a request's reply is complete.
     fn completed(&mut self, i: usize, kind: Kind, t: u8, forward: bool) {
+        if matches!(kind, Kind::Query { .. } | Kind::Lsn)
+            && !self.conns[i].expect.iter().any(parses_unnamed)
+        {
+            // The server dropped its unnamed statement, and no Parse of it was sent after (see
+            // `Held::has_unnamed`).
+            self.conns[i].unnamed_ready = false;
+        }
         if !forward {
             // Injected requests (settings replay, BEGIN, our own Syncs) change nothing the
             // session tracks beyond the connection's status.
@@ -3178,6 +3230,21 @@ fn fail(wire: &mut BytesMut) {
         build::cstr(b, FAIL_STATEMENT);
         b.put_slice(&[0, 0, 0, 0, 0, 0]); // no formats, no parameters, no result formats
     });
+}
+
+/// A Parse of the unnamed statement, the client's or the proxy's.
+fn parses_unnamed(e: &Expect) -> bool {
+    matches!(
+        e,
+        Expect::Reply {
+            kind: Kind::Parse {
+                stmt: None,
+                client: None,
+                ..
+            },
+            ..
+        }
+    )
 }
 
 fn is_sync(e: &Expect) -> bool {
