@@ -1771,3 +1771,80 @@ async fn a_bind_finds_the_last_unnamed_statement_on_every_shard() {
         assert_eq!(n.as_deref(), Some("4"), "port {port}");
     }
 }
+
+/// After a table's columns change, a prepared statement's plan is stale: binding it fails with
+/// 0A000 as on Postgres, and a new Parse of the same text (what drivers do to recover) gets a
+/// fresh statement that works, rather than the stale one the proxy shares.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_prepared_again_after_a_schema_change_works() {
+    let (one, sharded) = pools_of_one().await;
+    let primary = common::with_cluster(|c| c.shards()[0].primary.port);
+    async fn exchange(port: u16, table: &str) -> Vec<String> {
+        // Two clients with the statement prepared before the change.
+        let mut clients = [raw::Raw::login(port).await, raw::Raw::login(port).await];
+        let select = format!("SELECT * FROM {table} WHERE id = $1::int");
+        let run = |name: &str| {
+            [
+                raw::bind("", name, &["1"]),
+                raw::execute("", 0),
+                raw::sync(),
+            ]
+            .concat()
+        };
+        let steps = [
+            (
+                0,
+                raw::query(&format!("CREATE TABLE {table} (id int, v text)")),
+            ),
+            (
+                0,
+                raw::query(&format!("INSERT INTO {table} VALUES (1, 'a')")),
+            ),
+            (0, [raw::parse("s1", &select), run("s1")].concat()),
+            (1, [raw::parse("s1", &select), run("s1")].concat()),
+            (
+                0,
+                raw::query(&format!(
+                    "ALTER TABLE {table} ADD COLUMN extra int DEFAULT 7"
+                )),
+            ),
+            (0, run("s1")),
+            (
+                0,
+                [raw::close(b'S', "s1"), raw::parse("s2", &select), run("s2")].concat(),
+            ),
+            // The other client's statement stays stale until it prepares it again.
+            (1, run("s1")),
+            (1, [raw::parse("s3", &select), run("s3")].concat()),
+        ];
+        let mut replies = Vec::new();
+        for (n, step) in &steps {
+            let c = &mut clients[*n];
+            c.send(step).await;
+            let msgs = c.until_ready().await;
+            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
+            let row = msgs.iter().find_map(raw::Msg::cols).map_or(0, |r| r.len());
+            replies.push(format!("{} {code} {row}", raw::tags(&msgs)));
+        }
+        replies
+    }
+    let direct = exchange(primary, &unique("stale_plan")).await;
+    assert_eq!(
+        direct,
+        [
+            "CZ  0",
+            "CZ  0",
+            "12DCZ  2",
+            "12DCZ  2",
+            "CZ  0",
+            "EZ 0A000 0",
+            "312DCZ  3",
+            "EZ 0A000 0",
+            "12DCZ  3"
+        ]
+    );
+    for (proxy, what) in [(&one, "one shard"), (&sharded, "sharded")] {
+        let got = exchange(proxy.port, &unique("stale_plan")).await;
+        assert_eq!(got, direct, "{what}");
+    }
+}

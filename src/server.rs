@@ -327,6 +327,18 @@ impl StatementRegistry {
         stmt
     }
 
+    /// Forgets `stmt` (its plan went stale on a server): the next Parse of its text makes a
+    /// new statement, prepared afresh under a new name. Connections keep the old one, which
+    /// clients still bound to it go on using, as they would on Postgres.
+    pub fn retire(&self, stmt: &Statement) {
+        // The Parse message is `P`, length, server name, NUL, then the key.
+        let key = &stmt.parse[5 + stmt.server_name.len() + 1..];
+        let mut map = self.by_text.lock();
+        if map.get(key).is_some_and(|s| s.id == stmt.id) {
+            map.remove(key);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.by_text.lock().len()
     }

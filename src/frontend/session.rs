@@ -88,7 +88,11 @@ enum Kind {
         client: Option<Bytes>,
         before: Option<Arc<Unnamed>>,
     },
-    Bind,
+    /// `stmt`: the registry id of the statement bound (0: the unnamed one, or one the proxy
+    /// rewrote), to retire it if the server finds its plan stale.
+    Bind {
+        stmt: u64,
+    },
     /// `stmt`: the statement described, to learn its parameter types.
     Describe {
         stmt: Option<Arc<Statement>>,
@@ -703,7 +707,7 @@ impl Session {
             let mut ready = None;
             let ends = match (kind, t) {
                 (Kind::Parse { .. }, PARSE_COMPLETE)
-                | (Kind::Bind, BIND_COMPLETE)
+                | (Kind::Bind { .. }, BIND_COMPLETE)
                 | (Kind::Close, CLOSE_COMPLETE)
                 | (Kind::Describe { .. }, ROW_DESCRIPTION | NO_DATA) => true,
                 (Kind::Query { .. } | Kind::Execute { .. }, COMMAND_COMPLETE) => {
@@ -735,9 +739,10 @@ impl Session {
                 // them, without the call.
                 let untracked = forward
                     && match &kind {
-                        Kind::Parse { .. } | Kind::Bind | Kind::Describe { .. } | Kind::Close => {
-                            true
-                        }
+                        Kind::Parse { .. }
+                        | Kind::Bind { .. }
+                        | Kind::Describe { .. }
+                        | Kind::Close => true,
                         Kind::Execute { changes } => changes.is_empty(),
                         _ => false,
                     };
@@ -2477,6 +2482,7 @@ impl Session {
                     self.local_portals.remove(bind.portal);
                 }
                 let portal_unnamed = bind.portal.is_empty();
+                let mut bound = 0;
                 if bind.statement.is_empty() {
                     if self.unnamed_missing(i, wire) {
                         return Ok(());
@@ -2502,9 +2508,12 @@ impl Session {
                     if portal_unnamed {
                         self.portal_changes = stmt.effects.changes.clone();
                     }
+                    bound = stmt.id;
                 }
                 self.portals.insert(bind.portal, self.conns[i].key);
-                self.conns[i].expect.push_back(reply(Kind::Bind));
+                self.conns[i]
+                    .expect
+                    .push_back(reply(Kind::Bind { stmt: bound }));
             }
             tag::DESCRIBE => {
                 let (kind, name) = decode::target(&msg[5..], "Describe")?;
@@ -2937,6 +2946,16 @@ impl Session {
             }
             return Ok(());
         }
+        if let Some(Expect::Reply {
+            kind: Kind::Bind { stmt },
+            ..
+        }) = held.expect.front()
+            && *stmt != 0
+        {
+            let stmt = *stmt;
+            self.stale_plan(stmt, frame.body());
+        }
+        let held = &mut self.conns[i];
         // The client's own Parse of the unnamed statement.
         let unnamed_parse = |e: &Expect| {
             matches!(
@@ -3046,6 +3065,24 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// A Bind of a shared statement failed. If its plan went stale (a table's columns changed
+    /// since it was prepared: "cached plan must not change result type"), the statement is
+    /// retired from the registry: as on Postgres, the client's statement keeps failing, but a
+    /// new Parse of the same text (a driver re-preparing) gets a fresh server statement rather
+    /// than the stale shared one.
+    #[cold]
+    fn stale_plan(&mut self, id: u64, error: &[u8]) {
+        let Ok(fields) = decode::error_fields(error) else {
+            return;
+        };
+        if fields.code != "0A000" || fields.routine != "RevalidateCachedQuery" {
+            return;
+        }
+        if let Some(stmt) = self.statements.values().find(|s| s.id == id) {
+            self.shared.statements.retire(stmt);
+        }
     }
 
     /// Returns idle connections to the pool when the session is between transactions.
@@ -3207,7 +3244,7 @@ fn ends_reply(kind: &Kind, t: u8) -> Ends {
     match (kind, t) {
         (_, NOTICE_RESPONSE | NOTIFICATION | PARAMETER_STATUS | ERROR_RESPONSE) => Ends::No,
         (Kind::Parse { .. }, PARSE_COMPLETE) => Ends::Yes,
-        (Kind::Bind, BIND_COMPLETE) => Ends::Yes,
+        (Kind::Bind { .. }, BIND_COMPLETE) => Ends::Yes,
         (Kind::Close, CLOSE_COMPLETE) => Ends::Yes,
         (Kind::Describe { .. }, PARAMETER_DESCRIPTION) => Ends::No,
         (Kind::Describe { .. }, ROW_DESCRIPTION | NO_DATA) => Ends::Yes,

@@ -190,6 +190,8 @@ pub struct ErrorFields {
     pub severity: String,
     pub code: String,
     pub message: String,
+    /// The server routine that raised it (`R`): unlike the message, never translated.
+    pub routine: String,
 }
 
 pub fn error_fields(body: &[u8]) -> Result<ErrorFields, Error> {
@@ -208,6 +210,7 @@ pub fn error_fields(body: &[u8]) -> Result<ErrorFields, Error> {
             b'S' => fields.severity = value,
             b'C' => fields.code = value,
             b'M' => fields.message = value,
+            b'R' => fields.routine = value,
             _ => {}
         }
         rest = after;

@@ -603,7 +603,7 @@ impl Session {
     fn bind_sent(&mut self, i: usize, portal: &[u8], described: bool, wire: &mut BytesMut) {
         self.portals.insert(portal, self.conns[i].key);
         self.conns[i].expect.push_back(Expect::Reply {
-            kind: Kind::Bind,
+            kind: Kind::Bind { stmt: 0 },
             forward: true,
         });
         if !described {
