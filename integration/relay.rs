@@ -1038,6 +1038,33 @@ async fn pools_of_one() -> (Proxy, Proxy) {
     (one, sharded)
 }
 
+/// One id of `table` (sharded by id) per shard, found by where the rows land; the rows are
+/// deleted again.
+async fn ids_on_each_shard(proxy: &Proxy, table: &str) -> Vec<i32> {
+    let client = proxy.connect().await;
+    let mut on_shard = std::collections::BTreeMap::new();
+    for id in 1..=20 {
+        client
+            .execute(&format!("INSERT INTO {table} (id) VALUES ({id})"), &[])
+            .await
+            .expect("insert");
+        let port: i32 = client
+            .query_one(
+                &format!("SELECT inet_server_port() FROM {table} WHERE id = {id}"),
+                &[],
+            )
+            .await
+            .expect("port")
+            .get(0);
+        on_shard.entry(port).or_insert(id);
+    }
+    client
+        .batch_execute(&format!("DELETE FROM {table}"))
+        .await
+        .expect("delete");
+    on_shard.into_values().collect()
+}
+
 /// As `pools_of_one`, with `table (id int)` sharded by id and created on every shard.
 async fn pools_of_one_with_table(table: &str) -> (Proxy, Proxy) {
     let one = Proxy::start(|c| c.pool.size = 1).await;
@@ -1637,9 +1664,13 @@ async fn a_transaction_begun_after_a_flush_takes_in_the_batch() {
             let status = msgs.last().map_or('-', |z| char::from(z.body[0]));
             replies.push(format!("{} {status} {code}{value}", raw::tags(&msgs)));
         }
+        c.send(&raw::query(&format!("DELETE FROM {table} WHERE id = {id}")))
+            .await;
+        c.until_ready().await;
         replies
     }
-    let mut id = 0;
+    // The batch before the BEGIN lands on each shard in turn (rows deleted after each run).
+    let ids = ids_on_each_shard(&sharded, &table).await;
     for word in ["ROLLBACK", "COMMIT"] {
         for (begin, end, what) in [
             (raw::query("BEGIN"), raw::query(word), "simple"),
@@ -1649,13 +1680,18 @@ async fn a_transaction_begun_after_a_flush_takes_in_the_batch() {
                 raw::extended(word),
                 "simple BEGIN, extended end",
             ),
+            (
+                raw::extended("BEGIN"),
+                raw::query(word),
+                "extended BEGIN, simple end",
+            ),
         ] {
-            id += 1;
-            let direct = run(primary, &table, id, &begin, &end).await;
-            for (port, on) in [(one.port, "one shard"), (sharded.port, "sharded")] {
-                id += 1;
-                let got = run(port, &table, id, &begin, &end).await;
-                assert_eq!(got, direct, "{on}, {what} {word}");
+            let direct = run(primary, &table, 1000, &begin, &end).await;
+            for &id in &ids {
+                for (port, on) in [(one.port, "one shard"), (sharded.port, "sharded")] {
+                    let got = run(port, &table, id as usize, &begin, &end).await;
+                    assert_eq!(got, direct, "{on}, id {id}, {what} {word}");
+                }
             }
         }
     }
@@ -1846,5 +1882,213 @@ async fn a_statement_prepared_again_after_a_schema_change_works() {
     for (proxy, what) in [(&one, "one shard"), (&sharded, "sharded")] {
         let got = exchange(proxy.port, &unique("stale_plan")).await;
         assert_eq!(got, direct, "{what}");
+    }
+}
+
+/// A Bind or Describe of a statement the client lacks, in a batch the proxy would otherwise
+/// answer or scatter as a whole (a savepoint, a statement on every shard): the error comes where
+/// Postgres puts it, and the session goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_statement_in_a_batch_answered_whole() {
+    let table = unique("missing_whole");
+    let (_, sharded) = pools_of_one_with_table(&table).await;
+    let primary = common::with_cluster(|c| c.shards()[0].primary.port);
+    let direct_table = unique("missing_whole");
+    let mut setup = raw::Raw::login(primary).await;
+    setup
+        .send(&raw::query(&format!(
+            "CREATE TABLE {direct_table} (id int)"
+        )))
+        .await;
+    setup.until_ready().await;
+    async fn exchange(port: u16, table: &str) -> Vec<String> {
+        let mut c = raw::Raw::login(port).await;
+        let steps = [
+            raw::query("BEGIN"),
+            [
+                raw::parse("", "SAVEPOINT a"),
+                raw::bind("", "", &[]),
+                raw::execute("", 0),
+                raw::bind("", "nope", &[]),
+                raw::execute("", 0),
+                raw::sync(),
+            ]
+            .concat(),
+            raw::query("ROLLBACK"),
+            [
+                raw::parse("every", &format!("SELECT count(*) FROM {table}")),
+                raw::sync(),
+            ]
+            .concat(),
+            [
+                raw::describe(b'S', "nope"),
+                raw::bind("", "every", &[]),
+                raw::execute("", 0),
+                raw::sync(),
+            ]
+            .concat(),
+            raw::extended("SELECT 5"),
+        ];
+        let mut replies = Vec::new();
+        for step in &steps {
+            c.send(step).await;
+            let msgs = c.until_ready().await;
+            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
+            let value = msgs.iter().find_map(raw::Msg::col0).unwrap_or_default();
+            let status = msgs.last().map_or('-', |z| char::from(z.body[0]));
+            replies.push(format!("{} {status} {code}{value}", raw::tags(&msgs)));
+        }
+        replies
+    }
+    let direct = exchange(primary, &direct_table).await;
+    assert_eq!(
+        direct,
+        [
+            "CZ T ",
+            "12CEZ E 26000",
+            "CZ I ",
+            "1Z I ",
+            "EZ I 26000",
+            "12DCZ I 5"
+        ]
+    );
+    assert_eq!(exchange(sharded.port, &table).await, direct);
+}
+
+/// A Parse of the unnamed statement the proxy sends ahead of a Bind (the statement was parsed
+/// on another shard) and the server then skips (an error earlier in the pipeline) leaves that
+/// connection without it: a later Bind there parses it again rather than running an older one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_skipped_parse_of_the_proxy_leaves_no_stale_statement() {
+    let table = unique("skipped_parse");
+    let session = Proxy::start_sharded(|c| {
+        c.pool.mode = PoolMode::Session;
+        c.routing.replica_reads = false;
+        c.sharding.tables.insert(table.clone(), "id".into());
+    })
+    .await;
+    session
+        .connect()
+        .await
+        .batch_execute(&format!("CREATE TABLE {table} (id int)"))
+        .await
+        .expect("create on every shard");
+    let ids = ids_on_each_shard(&session, &table).await;
+    let [a, b] = ids[..] else {
+        panic!("ids on two shards: {ids:?}")
+    };
+    session
+        .connect()
+        .await
+        .batch_execute(&format!("INSERT INTO {table} (id) VALUES ({a}), ({b})"))
+        .await
+        .expect("rows");
+    let mut c = raw::Raw::login(session.port).await;
+    let select = |word: &str| format!("SELECT '{word}', id FROM {table} WHERE id = $1::int");
+    let bind = |stmt: &str, id: i32| {
+        [raw::bind("", stmt, &[&id.to_string()]), raw::execute("", 0)].concat()
+    };
+    let steps = [
+        [
+            raw::parse(
+                "f",
+                &format!("SELECT 1 / (id - id) FROM {table} WHERE id = $1::int"),
+            ),
+            raw::sync(),
+        ]
+        .concat(),
+        [raw::parse("", &select("u1")), bind("", a), raw::sync()].concat(),
+        [raw::parse("", &select("u2")), bind("", b), raw::sync()].concat(),
+        [bind("f", a), bind("", a), raw::sync()].concat(),
+        [bind("", a), raw::sync()].concat(),
+    ];
+    let mut replies = Vec::new();
+    for step in &steps {
+        c.send(step).await;
+        let msgs = c.until_ready().await;
+        let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
+        let row = msgs
+            .iter()
+            .find_map(raw::Msg::cols)
+            .map(|cols| {
+                cols.iter()
+                    .map(|v| String::from_utf8_lossy(v.as_deref().unwrap_or(b"")).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        replies.push(format!("{} {code}{row}", raw::tags(&msgs)));
+    }
+    assert_eq!(
+        replies,
+        [
+            "1Z ".to_string(),
+            format!("12DCZ u1 {a}"),
+            format!("12DCZ u2 {b}"),
+            "2EZ 22012".to_string(),
+            format!("2DCZ u2 {a}"),
+        ]
+    );
+}
+
+/// A BEGIN through the extended protocol is deferred like a simple one: a transaction that then
+/// works on one shard only stays on that shard, so savepoint control pipelined under one Sync
+/// (psycopg's nested transactions) runs there, as on Postgres.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_extended_begin_is_deferred_to_the_shard_used() {
+    let table = unique("extended_begin");
+    let (one, sharded) = pools_of_one_with_table(&table).await;
+    let primary = common::with_cluster(|c| c.shards()[0].primary.port);
+    let ids = ids_on_each_shard(&sharded, &table).await;
+    async fn run(port: u16, table: &str, id: i32) -> Vec<String> {
+        let mut c = raw::Raw::login(port).await;
+        let insert = |n: i32| {
+            let sql = format!("INSERT INTO {table} (id) VALUES ({n})");
+            [
+                raw::parse("", &sql),
+                raw::bind("", "", &[]),
+                raw::execute("", 0),
+            ]
+            .concat()
+        };
+        let control = |sql: &str| {
+            [
+                raw::parse("", sql),
+                raw::bind("", "", &[]),
+                raw::execute("", 0),
+            ]
+            .concat()
+        };
+        let steps = [
+            raw::extended("BEGIN"),
+            [insert(id), raw::sync()].concat(),
+            [control("SAVEPOINT s"), insert(id), raw::sync()].concat(),
+            [
+                control("ROLLBACK TO SAVEPOINT s"),
+                control("RELEASE SAVEPOINT s"),
+                raw::sync(),
+            ]
+            .concat(),
+            raw::extended("COMMIT"),
+            raw::query(&format!("SELECT count(*) FROM {table} WHERE id = {id}")),
+            raw::query(&format!("DELETE FROM {table} WHERE id = {id}")),
+        ];
+        let mut replies = Vec::new();
+        for step in &steps {
+            c.send(step).await;
+            let msgs = c.until_ready().await;
+            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
+            let value = msgs.iter().find_map(raw::Msg::col0).unwrap_or_default();
+            let status = msgs.last().map_or('-', |z| char::from(z.body[0]));
+            replies.push(format!("{} {status} {code}{value}", raw::tags(&msgs)));
+        }
+        replies
+    }
+    let direct = run(primary, &table, 1000).await;
+    assert_eq!(direct[5], "TDCZ I 1", "{direct:?}");
+    for &id in &ids {
+        for (port, on) in [(one.port, "one shard"), (sharded.port, "sharded")] {
+            assert_eq!(run(port, &table, id).await, direct, "{on}, id {id}");
+        }
     }
 }

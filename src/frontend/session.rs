@@ -60,9 +60,9 @@ use local::{Local, next_id_call, next_id_description, next_id_row};
 /// Bind) is freed rather than held for the rest of the session.
 const SPARE_WIRE_MAX: usize = 64 * 1024;
 
-/// The statement `Kind::Fail` binds: never prepared (server-side names are the proxy's own), so
-/// the Bind fails, and the server's log names why.
-const FAIL_STATEMENT: &[u8] = b"tessera: an error raised by the proxy ends this";
+/// The text `Kind::Fail` parses: not SQL, so the Parse fails whatever the server's state (a
+/// statement of that name, an aborted transaction, COPY), and the server's log says why.
+const FAIL_TEXT: &[u8] = b"tessera: an error raised by the proxy ends this transaction";
 
 /// The plan of every statement when the router is a passthrough (one shard, no replicas).
 static PASSTHROUGH: std::sync::LazyLock<Plan> = std::sync::LazyLock::new(|| Plan {
@@ -110,9 +110,10 @@ enum Kind {
     },
     /// The injected `SELECT pg_current_wal_insert_lsn()` after a write (read your writes).
     Lsn,
-    /// A Bind of a statement that cannot exist, sent where the proxy raised an error inside a
-    /// batch: the server fails there too, so what ran before it in the transaction is rolled
-    /// back (or the transaction block fails), as Postgres' own errors do. Its error is dropped.
+    /// A message that always fails (a Parse of text that is not SQL), sent where the proxy
+    /// raised an error inside a batch: the server fails there too, so what ran before it in the
+    /// transaction is rolled back (or the transaction block fails), as Postgres' own errors do.
+    /// Its error is dropped.
     Fail,
 }
 
@@ -216,7 +217,14 @@ impl Held {
     /// nothing was sent after.
     fn note_ready(&mut self, status: TxStatus) {
         self.conn.status = status;
-        if self.expect.len() <= 1 {
+        // (Replies the proxy makes itself, queued behind, were sent nothing.)
+        if self.expect.len() <= 1
+            || self
+                .expect
+                .iter()
+                .skip(1)
+                .all(|e| matches!(e, Expect::Synthetic(_)))
+        {
             self.unsynced = false;
         }
         self.copy_in = false;
@@ -1679,12 +1687,18 @@ impl Session {
                     });
                 }
             } else {
+                // (Never seen: a few bytes to a connection with nothing pending.)
                 held.conn.broken = true;
+                held.unsynced = false;
                 closed = true;
             }
         }
-        if closed {
-            self.conns.retain(|h| !h.conn.broken);
+        // In session pooling the connection carries the client's session (temporary tables,
+        // locks): it stays with the client (its transaction then open until the client's next
+        // Sync), marked to be closed rather than reused when the session ends.
+        if closed && self.mode == PoolMode::Transaction {
+            self.conns
+                .retain(|h| !(h.conn.broken && h.expect.is_empty()));
             self.cancel
                 .targets
                 .set(self.conns.iter().map(|h| h.conn.key.clone()));
@@ -2012,6 +2026,10 @@ impl Session {
             self.settle().await?;
         }
         let plans: Vec<&Plan> = targets.iter().flatten().collect();
+        // A Bind of a statement the client does not have has no plan: its error comes in order
+        // from batch_message, so no shortcut below may answer the batch as a whole.
+        let binds = batch.iter().filter(|f| f.tag() == tag::BIND).count();
+        let one_bind = binds == 1 && plans.len() == 1;
         // An aborted transaction accepts only ROLLBACK (and ROLLBACK TO SAVEPOINT).
         let ends_tx = |p: &&Plan| {
             matches!(
@@ -2031,16 +2049,42 @@ impl Session {
                 .filter(|h| h.begun)
                 .map(|h| h.key)
                 .collect();
+            if let TxCommand::Begin { read_only } = cmd
+                && self.tx.is_none()
+                && one_bind
+                && batch.last().map(Frame::tag) == Some(tag::SYNC)
+                && self
+                    .conns
+                    .iter()
+                    .all(|h| !h.unsynced && h.conn.status == TxStatus::Idle)
+                && let Some(sql) = batch_sql(self, &batch)
+            {
+                // Answered here and deferred, as a simple-Query BEGIN is: the transaction
+                // begins on each shard when it first sends a statement there. (After a batch
+                // ended by Flush it goes to that connection instead, and takes that batch in.)
+                self.settle().await?;
+                let mut begin = BytesMut::new();
+                build::query(&mut begin, &sql);
+                self.tx = Some(Tx {
+                    begin: begin.freeze(),
+                    read_only,
+                    failed: false,
+                    written: BTreeSet::new(),
+                    savepoints: Vec::new(),
+                    implicit: false,
+                });
+                return self.answer_tx_batch(&batch, Ok("BEGIN"));
+            }
             if cmd == TxCommand::Savepoint
                 && self.tx.is_some()
-                && plans.len() == 1
+                && one_bind
                 && batch.last().map(Frame::tag) == Some(tag::SYNC)
             {
                 return Box::pin(self.extended_savepoint(&batch, &begun)).await;
             }
             if matches!(cmd, TxCommand::Commit | TxCommand::Rollback)
                 && self.tx_failed()
-                && plans.len() == 1
+                && one_bind
                 && batch.last().map(Frame::tag) == Some(tag::SYNC)
             {
                 // Aborted (perhaps by an error the proxy raised, which the server never saw):
@@ -2060,7 +2104,7 @@ impl Session {
                 return self.fail_batch("0A000", "not supported across shards: COMMIT/ROLLBACK AND CHAIN of a transaction that spans shards", has_sync).await;
             }
             if begun.len() > 1 {
-                if plans.len() != 1
+                if !one_bind
                     || cmd == TxCommand::Savepoint
                     || batch.last().map(Frame::tag) != Some(tag::SYNC)
                 {
@@ -2090,8 +2134,7 @@ impl Session {
         }
         if let Some(multi) = plans.iter().find(|p| !matches!(p.fanout, Fanout::One(_))) {
             let multi = (*multi).clone();
-            let binds = plans.len();
-            if binds != 1 {
+            if !one_bind {
                 return self.fail_batch("0A000", "not supported across shards: a pipeline of several statements where one spans shards", has_sync).await;
             }
             return Box::pin(self.scatter_batch(batch, multi)).await;
@@ -2327,13 +2370,15 @@ impl Session {
     }
 
     /// Where a Bind with this plan goes in a batch for one shard (a Parse before it goes
-    /// there too): transaction control where the transaction is, anything else by its shard.
+    /// there too): transaction control where the transaction is (or the implicit one a batch
+    /// ended by Flush left open, which a BEGIN takes in), anything else by its shard.
     fn bind_key(&self, plan: &Plan) -> ConnKey {
         if plan.tx.is_some() {
             return self
                 .conns
                 .iter()
                 .find(|h| h.begun)
+                .or_else(|| self.conns.iter().find(|h| h.unsynced))
                 .map_or(ConnKey::primary(0), |h| h.key);
         }
         match plan.fanout {
@@ -2617,7 +2662,7 @@ impl Session {
     /// An error the proxy raises inside a batch: like Postgres, it skips the rest up to Sync.
     /// The server is made to fail at the same point (`Kind::Fail`), which ends the transaction
     /// as the error would on Postgres: an implicit one rolls back what the batch ran before the
-    /// error, a transaction block fails.
+    /// error, a transaction block fails (the server's status then says so).
     fn synthetic_error(&mut self, i: usize, code: &str, msg: &str, wire: &mut BytesMut) {
         let mut err = BytesMut::new();
         super::error(&mut err, code, msg);
@@ -2629,9 +2674,6 @@ impl Session {
             forward: false,
         });
         self.skip_until_sync = true;
-        if let Some(tx) = self.tx.as_mut() {
-            tx.failed = true;
-        }
     }
 
     fn ensure_prepared(&mut self, i: usize, stmt: &Statement, wire: &mut BytesMut) {
@@ -2653,7 +2695,7 @@ impl Session {
     /// queued for a Bind or Describe of it, as Postgres answers. Sent on, the message would
     /// find whatever unnamed statement the server connection has, perhaps another client's.
     fn unnamed_missing(&mut self, i: usize, wire: &mut BytesMut) -> bool {
-        if self.unnamed.is_some() || self.conns[i].has_unnamed() {
+        if self.unnamed.is_some() {
             return false;
         }
         self.synthetic_error(
@@ -2955,58 +2997,8 @@ impl Session {
             let stmt = *stmt;
             self.stale_plan(stmt, frame.body());
         }
+        self.unnamed_after_error(i);
         let held = &mut self.conns[i];
-        // The client's own Parse of the unnamed statement.
-        let unnamed_parse = |e: &Expect| {
-            matches!(
-                e,
-                Expect::Reply {
-                    kind: Kind::Parse {
-                        client: None,
-                        stmt: None,
-                        ..
-                    },
-                    forward: true,
-                }
-            )
-        };
-        if let Some(Expect::Reply {
-            kind:
-                Kind::Parse {
-                    client: None,
-                    stmt: None,
-                    ..
-                },
-            forward: false,
-        }) = held.expect.front()
-        {
-            // The proxy's own Parse of it failed here: not on this connection, then.
-            held.unnamed_ready = false;
-        }
-        // The server skips what comes before the next Sync; a Parse of the unnamed statement
-        // after that Sync sets it again whatever happened here.
-        let sync_at = held
-            .expect
-            .iter()
-            .position(is_sync)
-            .unwrap_or(held.expect.len());
-        if !held.expect.iter().skip(sync_at).any(unnamed_parse) {
-            if held.expect.front().is_some_and(unnamed_parse) {
-                // The unnamed statement's Parse failed: on Postgres the statement is gone (the
-                // Parse dropped the previous one first), so a later Bind of it is an error too.
-                held.unnamed_ready = false;
-                self.unnamed = None;
-            } else if let Some(Expect::Reply {
-                kind: Kind::Parse { before, .. },
-                ..
-            }) = held.expect.iter().take(sync_at).find(|e| unnamed_parse(e))
-            {
-                // A later Parse of it is skipped: the one before stays the client's. This
-                // connection may hold another (it was parsed elsewhere): parsed again if bound.
-                self.unnamed = before.clone();
-                held.unnamed_ready = false;
-            }
-        }
         // An injected Parse that fails still answers for the client's request that needed it;
         // a `Kind::Fail` failing as asked does not: the client has the proxy's error.
         let asked = matches!(
@@ -3065,6 +3057,60 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// What an error on connection `i` leaves of the client's unnamed statement. The server
+    /// skips everything up to the next Sync: a Parse of it there does not happen (the proxy's
+    /// own neither), and one that failed leaves none, as Postgres drops the old one first.
+    #[cold]
+    fn unnamed_after_error(&mut self, i: usize) {
+        let held = &mut self.conns[i];
+        let sync_at = held
+            .expect
+            .iter()
+            .position(is_sync)
+            .unwrap_or(held.expect.len());
+        let failed = held.expect.front().is_some_and(client_parses_unnamed);
+        // The client's unnamed statement after this error, if the error changes it.
+        let outcome = if failed {
+            Some(None)
+        } else {
+            held.expect.iter().take(sync_at).find_map(|e| match e {
+                Expect::Reply {
+                    kind: Kind::Parse { before, .. },
+                    ..
+                } if client_parses_unnamed(e) => Some(before.clone()),
+                _ => None,
+            })
+        };
+        if held.expect.iter().take(sync_at).any(parses_unnamed) {
+            // Whatever this server holds now, a Bind here parses it again.
+            held.unnamed_ready = false;
+        }
+        let Some(outcome) = outcome else {
+            return;
+        };
+        // A Parse of it after the Sync sets it again: what this error leaves is what that one
+        // replaces, should it fail or be skipped in turn.
+        if let Some(Expect::Reply {
+            kind: Kind::Parse { before, .. },
+            ..
+        }) = held
+            .expect
+            .iter_mut()
+            .skip(sync_at)
+            .find(|e| client_parses_unnamed(e))
+        {
+            *before = outcome;
+            return;
+        }
+        if failed {
+            // Other connections may hold the same text from before: not the client's now.
+            for held in &mut self.conns {
+                held.unnamed_ready = false;
+            }
+        }
+        self.unnamed = outcome;
     }
 
     /// A Bind of a shared statement failed. If its plan went stale (a table's columns changed
@@ -3260,13 +3306,29 @@ fn ends_reply(kind: &Kind, t: u8) -> Ends {
     }
 }
 
-/// The message of `Kind::Fail`: a Bind of a statement that cannot exist.
+/// The message of `Kind::Fail`: a Parse that fails at once. Of a named statement, so the
+/// server's unnamed one stays (the statement is never stored).
 fn fail(wire: &mut BytesMut) {
-    build::message(wire, tag::BIND, |b| {
-        build::cstr(b, b"");
-        build::cstr(b, FAIL_STATEMENT);
-        b.put_slice(&[0, 0, 0, 0, 0, 0]); // no formats, no parameters, no result formats
+    build::message(wire, tag::PARSE, |b| {
+        build::cstr(b, b"tessera_fail");
+        build::cstr(b, FAIL_TEXT);
+        b.put_i16(0);
     });
+}
+
+/// The client's own Parse of the unnamed statement.
+fn client_parses_unnamed(e: &Expect) -> bool {
+    matches!(
+        e,
+        Expect::Reply {
+            kind: Kind::Parse {
+                stmt: None,
+                client: None,
+                ..
+            },
+            forward: true,
+        }
+    )
 }
 
 /// A Parse of the unnamed statement, the client's or the proxy's.

@@ -404,24 +404,35 @@ impl Session {
                     }
                     parsed.push(parse.name);
                 }
-                tag::BIND => {
-                    let Ok(bind) = decode::bind(frame.body()) else {
-                        continue;
+                tag::BIND | tag::DESCRIBE => {
+                    // (Checked here, before anything is sent: an error raised in the middle of
+                    // a scatter would have no batch left to skip to its Sync.)
+                    let name = match frame.tag() {
+                        tag::BIND => match decode::bind(frame.body()) {
+                            Ok(bind) => bind.statement,
+                            Err(_) => continue,
+                        },
+                        _ => match decode::target(frame.body(), "Describe") {
+                            Ok((b'S', name)) => name,
+                            _ => continue,
+                        },
                     };
-                    let known = parsed.contains(&bind.statement)
-                        || if bind.statement.is_empty() {
+                    let known = parsed.contains(&name)
+                        || if name.is_empty() {
                             self.unnamed.is_some()
                         } else {
-                            self.statements.contains_key(bind.statement)
+                            self.statements.contains_key(name)
                         };
                     if !known {
-                        return Some((
-                            "26000",
+                        let message = if name.is_empty() {
+                            "unnamed prepared statement does not exist".to_string()
+                        } else {
                             format!(
                                 "prepared statement \"{}\" does not exist",
-                                String::from_utf8_lossy(bind.statement)
-                            ),
-                        ));
+                                String::from_utf8_lossy(name)
+                            )
+                        };
+                        return Some(("26000", message));
                     }
                 }
                 _ => {}
