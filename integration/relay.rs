@@ -1699,32 +1699,26 @@ async fn a_transaction_begun_after_a_flush_takes_in_the_batch() {
 
 /// The unnamed statement a Bind finds is the one the client parsed last, on whichever shard the
 /// Bind goes to: not an older one another shard's connection still holds, nor none because the
-/// proxy's own simple Query (a deferred BEGIN) dropped it there.
+/// proxy's own simple Query (a read-your-writes probe) dropped it there.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bind_finds_the_last_unnamed_statement_on_every_shard() {
     let table = unique("unnamed_shards");
     let (_, sharded) = pools_of_one_with_table(&table).await;
-    let client = sharded.connect().await;
-    // Two ids on different shards, told apart by the server each row lives on.
-    let mut on_shard = std::collections::HashMap::new();
-    for id in 1..=20 {
-        client
-            .execute(&format!("INSERT INTO {table} (id) VALUES ({id})"), &[])
-            .await
-            .expect("insert");
-        let port: i32 = client
-            .query_one(
-                &format!("SELECT inet_server_port() FROM {table} WHERE id = {id}"),
-                &[],
-            )
-            .await
-            .expect("port")
-            .get(0);
-        on_shard.entry(port).or_insert(id);
-    }
-    let ids: Vec<i32> = on_shard.values().copied().collect();
+    let ids = ids_on_each_shard(&sharded, &table).await;
+    sharded
+        .connect()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO {table} (id) VALUES ({})",
+            ids.iter()
+                .map(i32::to_string)
+                .collect::<Vec<_>>()
+                .join("), (")
+        ))
+        .await
+        .expect("rows");
     let [a, b] = ids[..] else {
-        panic!("ids on two shards: {on_shard:?}")
+        panic!("ids on two shards: {ids:?}")
     };
     let select = |word: &str| format!("SELECT '{word}', id FROM {table} WHERE id = $1::int");
     let run = |id: i32| {
