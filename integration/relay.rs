@@ -2086,3 +2086,99 @@ async fn an_extended_begin_is_deferred_to_the_shard_used() {
         }
     }
 }
+
+/// `DEALLOCATE name`, `DEALLOCATE ALL` and `DISCARD ALL` through the extended protocol (as
+/// psycopg sends them) act on the client's statements as on Postgres, and leave the statements
+/// the proxy shares on the server connection usable by the next client.
+#[tokio::test(flavor = "multi_thread")]
+async fn deallocate_and_discard_through_the_extended_protocol() {
+    let (one, sharded) = pools_of_one().await;
+    let session = Proxy::start(|c| {
+        c.pool.size = 1;
+        c.pool.mode = PoolMode::Session;
+    })
+    .await;
+    let primary = common::with_cluster(|c| c.shards()[0].primary.port);
+    let run = |name: &str| [raw::bind("", name, &[]), raw::execute("", 0), raw::sync()].concat();
+    let command = |sql: &str| {
+        [
+            raw::parse("", sql),
+            raw::bind("", "", &[]),
+            raw::describe(b'P', ""),
+            raw::execute("", 0),
+            raw::sync(),
+        ]
+        .concat()
+    };
+    let steps = [
+        [
+            raw::parse("s1", "SELECT 1"),
+            raw::parse("s2", "SELECT 2"),
+            run("s1"),
+        ]
+        .concat(),
+        command("DEALLOCATE s1"),
+        run("s1"),
+        run("s2"),
+        [raw::parse("s1", "SELECT 1"), run("s1")].concat(),
+        command("DEALLOCATE ALL"),
+        run("s1"),
+        [raw::parse("s1", "SELECT 1"), run("s1")].concat(),
+        command("DISCARD ALL"),
+        run("s1"),
+        [raw::parse("s1", "SELECT 1"), run("s1")].concat(),
+        command("DEALLOCATE nope"),
+    ];
+    async fn exchange(port: u16, steps: &[Vec<u8>]) -> Vec<String> {
+        let mut c = raw::Raw::login(port).await;
+        let mut replies = Vec::new();
+        for step in steps {
+            c.send(step).await;
+            let msgs = c.until_ready().await;
+            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
+            let value = msgs.iter().find_map(raw::Msg::col0).unwrap_or_default();
+            replies.push(format!("{} {code}{value}", raw::tags(&msgs)));
+        }
+        replies
+    }
+    let direct = exchange(primary, &steps).await;
+    assert_eq!(
+        direct,
+        [
+            "112DCZ 1",
+            "12nCZ ",
+            "EZ 26000",
+            "2DCZ 2",
+            "12DCZ 1",
+            "12nCZ ",
+            "EZ 26000",
+            "12DCZ 1",
+            "12nCZ ",
+            "EZ 26000",
+            "12DCZ 1",
+            "12nEZ 26000"
+        ]
+    );
+    for (proxy, what) in [
+        (&one, "one shard"),
+        (&sharded, "sharded"),
+        (&session, "session"),
+    ] {
+        assert_eq!(exchange(proxy.port, &steps).await, direct, "{what}");
+        // The next client on the same server connection prepares the same texts.
+        let next = exchange(
+            proxy.port,
+            &[
+                [
+                    raw::parse("t1", "SELECT 1"),
+                    raw::parse("t2", "SELECT 2"),
+                    run("t1"),
+                ]
+                .concat(),
+                run("t2"),
+            ],
+        )
+        .await;
+        assert_eq!(next, ["112DCZ 1", "2DCZ 2"], "{what}: the next client");
+    }
+}

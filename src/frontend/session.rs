@@ -751,7 +751,12 @@ impl Session {
                         | Kind::Bind { .. }
                         | Kind::Describe { .. }
                         | Kind::Close => true,
-                        Kind::Execute { changes } => changes.is_empty(),
+                        // (DEALLOCATE ALL and DISCARD ALL drop statements: tracked.)
+                        Kind::Execute { changes } => {
+                            changes.is_empty()
+                                && !(held.last_tag.first() == Some(&b'D')
+                                    && held.last_tag.ends_with(b" ALL"))
+                        }
                         _ => false,
                     };
                 if untracked {
@@ -1951,6 +1956,16 @@ impl Session {
             }
             return Box::pin(self.run_local_batch(batch)).await;
         }
+        if !self.tx_failed()
+            && let Some(sql) = self.deallocate_batch(&batch)
+            && let Some(reply) = self.deallocate(&sql)
+        {
+            // As a simple Query's DEALLOCATE of a statement prepared through the protocol (its
+            // Sync ends an implicit transaction a Flush left open, as on the server).
+            self.settle().await?;
+            self.end_implicit_all().await?;
+            return self.answer_tx_batch(&batch, Ok(reply));
+        }
         // A lone Sync with nothing pending needs no server: answer it here. (Not one that ends
         // an implicit transaction a Flush left open: that server needs it.)
         if self.pending().is_none()
@@ -2855,8 +2870,9 @@ impl Session {
             return;
         }
         match kind {
-            Kind::Execute { changes } if t == tag::COMMAND_COMPLETE && !changes.is_empty() => {
-                self.tx_changes.extend(changes)
+            Kind::Execute { changes } if t == tag::COMMAND_COMPLETE => {
+                self.tx_changes.extend(changes);
+                self.dropped_prepared(i);
             }
             Kind::Query { changes } => {
                 if !changes.is_empty() && !self.conns[i].query_failed {
@@ -2871,6 +2887,25 @@ impl Session {
         }
         let merge = self.merge.as_ref();
         pop_synthetic(&mut self.conns[i], &mut self.out, merge);
+    }
+
+    /// After a statement ran through Execute: `DEALLOCATE ALL` or `DISCARD ALL` (sent on to
+    /// the server in session pooling, where SQL-level statements live there too) dropped every
+    /// prepared statement on that server, the proxy's shared ones and the client's.
+    fn dropped_prepared(&mut self, i: usize) {
+        let held = &mut self.conns[i];
+        let discard = held.last_tag == b"DISCARD ALL";
+        if !discard && held.last_tag != b"DEALLOCATE ALL" {
+            return;
+        }
+        held.conn.prepared.clear();
+        self.statements.clear();
+        if discard {
+            self.unnamed = None;
+            for held in &mut self.conns {
+                held.unnamed_ready = false;
+            }
+        }
     }
 
     /// After a ReadyForQuery: settle settings, learn where a write ended, track the

@@ -38,6 +38,10 @@ pub(super) fn next_id_call(sql: &[u8]) -> Option<String> {
     }
 }
 
+fn deallocates(sql: &[u8]) -> bool {
+    lex::word_is(lex::lead_word(sql).0, b"deallocate")
+}
+
 pub(super) fn mentions_next_id(text: &[u8]) -> bool {
     const NAME: &[u8] = b"tessera_next_id";
     // Every query is scanned, so the scan is anchored on the name's rarest letter, the `x` at
@@ -80,14 +84,49 @@ pub(super) fn next_id_row(out: &mut BytesMut, id: i64, format: i16) {
 
 impl Session {
     /// Whether the proxy might answer this Parse (a whole message) itself: its text mentions
-    /// `tessera_next_id`. The unnamed statement the session already sent to a server with the
+    /// `tessera_next_id`, or is a `DEALLOCATE`. The unnamed statement the session already sent to a server with the
     /// same bytes is known not to be (drivers send it again and again), so it is not scanned.
     pub(super) fn may_answer(&self, parse: &[u8]) -> bool {
         let known = self
             .unnamed
             .as_ref()
             .is_some_and(|u| u.parse[..] == parse[..]);
-        !known && mentions_next_id(parse.get(5..).unwrap_or_default())
+        !known
+            && (mentions_next_id(parse.get(5..).unwrap_or_default())
+                || decode::parse(parse.get(5..).unwrap_or_default())
+                    .is_ok_and(|p| deallocates(p.query)))
+    }
+
+    /// A batch that is one `DEALLOCATE` (Parse, Bind, maybe Describe, Execute, Sync), and the
+    /// SQL of it. Statements prepared through the protocol live on the servers under the
+    /// proxy's names, so the proxy answers such a DEALLOCATE itself, as in a simple Query.
+    pub(super) fn deallocate_batch(&self, batch: &[Frame]) -> Option<String> {
+        let first = batch.first()?;
+        if first.tag() != tag::PARSE || batch.last()?.tag() != tag::SYNC {
+            return None;
+        }
+        // Every batch with a Parse comes through here: one look at the leading word first.
+        let parse = decode::parse(first.body()).ok()?;
+        if !deallocates(parse.query) {
+            return None;
+        }
+        let shape: Vec<u8> = batch.iter().map(Frame::tag).collect();
+        let one_statement = matches!(
+            shape.as_slice(),
+            [tag::PARSE, tag::BIND, tag::EXECUTE, tag::SYNC]
+                | [
+                    tag::PARSE,
+                    tag::BIND,
+                    tag::DESCRIBE,
+                    tag::EXECUTE,
+                    tag::SYNC
+                ]
+        );
+        let bound = batch
+            .get(1)
+            .and_then(|b| decode::bind(b.body()).ok())
+            .is_some_and(|b| b.statement == parse.name);
+        (one_statement && bound).then(|| String::from_utf8_lossy(parse.query).into_owned())
     }
 
     /// Whether the client has statements or portals the proxy answers itself.
