@@ -2182,3 +2182,65 @@ async fn deallocate_and_discard_through_the_extended_protocol() {
         assert_eq!(next, ["112DCZ 1", "2DCZ 2"], "{what}: the next client");
     }
 }
+
+/// An unnamed statement parsed without parameter types, then described (asyncpg without its
+/// statement cache): the types the server describes let a key sent in binary be routed.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unnamed_statement_learns_its_parameter_types() {
+    let table = unique("unnamed_types");
+    let (_, sharded) = pools_of_one_with_table(&table).await;
+    let primary = common::with_cluster(|c| c.shards()[0].primary.port);
+    let direct_table = unique("unnamed_types");
+    let mut setup = raw::Raw::login(primary).await;
+    setup
+        .send(&raw::query(&format!(
+            "CREATE TABLE {direct_table} (id int)"
+        )))
+        .await;
+    setup.until_ready().await;
+    // Bind of the unnamed statement with one int4 parameter in binary.
+    let binary_bind = |id: i32| {
+        let mut body = vec![0u8, 0]; // portal "", statement ""
+        body.extend_from_slice(&1i16.to_be_bytes()); // one format code: binary
+        body.extend_from_slice(&1i16.to_be_bytes());
+        body.extend_from_slice(&1i16.to_be_bytes()); // one parameter
+        body.extend_from_slice(&4i32.to_be_bytes());
+        body.extend_from_slice(&id.to_be_bytes());
+        body.extend_from_slice(&0i16.to_be_bytes()); // result formats: default
+        let mut msg = vec![b'B'];
+        msg.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        msg.extend_from_slice(&body);
+        msg
+    };
+    async fn exchange(port: u16, table: &str, bind: Vec<u8>) -> Vec<String> {
+        let mut c = raw::Raw::login(port).await;
+        let steps = [
+            [
+                raw::parse("", &format!("INSERT INTO {table} (id) VALUES ($1)")),
+                raw::sync(),
+            ]
+            .concat(),
+            [raw::describe(b'S', ""), raw::sync()].concat(),
+            [bind, raw::execute("", 0), raw::sync()].concat(),
+        ];
+        let mut replies = Vec::new();
+        for step in &steps {
+            c.send(step).await;
+            let msgs = c.until_ready().await;
+            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
+            replies.push(format!("{} {code}", raw::tags(&msgs)));
+        }
+        replies
+    }
+    let direct = exchange(primary, &direct_table, binary_bind(7)).await;
+    assert_eq!(direct, ["1Z ", "tnZ ", "2CZ "]);
+    assert_eq!(exchange(sharded.port, &table, binary_bind(7)).await, direct);
+    let n: i64 = sharded
+        .connect()
+        .await
+        .query_one(&format!("SELECT count(*) FROM {table} WHERE id = 7"), &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 1, "the row is on the shard its key names");
+}

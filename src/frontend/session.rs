@@ -93,9 +93,11 @@ enum Kind {
     Bind {
         stmt: u64,
     },
-    /// `stmt`: the statement described, to learn its parameter types.
+    /// `stmt`: the statement described, to learn its parameter types (`unnamed`: the client's
+    /// unnamed statement, described).
     Describe {
         stmt: Option<Arc<Statement>>,
+        unnamed: Option<Arc<Unnamed>>,
         /// A portal (not a statement) is described: in a merge, its columns are the merge's.
         portal: bool,
     },
@@ -287,7 +289,7 @@ struct LocalPortal {
 }
 
 /// The client's unnamed prepared statement.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Unnamed {
     /// The Parse message, copied out of the client's read buffer so it keeps none of it alive.
     parse: Bytes,
@@ -2578,6 +2580,7 @@ impl Session {
             tag::DESCRIBE => {
                 let (kind, name) = decode::target(&msg[5..], "Describe")?;
                 let mut described = None;
+                let mut unnamed = None;
                 if kind == b'S' && !name.is_empty() {
                     let Some(stmt) = self.lookup(i, name, wire) else {
                         return Ok(());
@@ -2594,11 +2597,13 @@ impl Session {
                             return Ok(());
                         }
                         self.ensure_unnamed(i, wire);
+                        unnamed = self.unnamed.clone();
                     }
                     wire.extend_from_slice(msg);
                 }
                 self.conns[i].expect.push_back(reply(Kind::Describe {
                     stmt: described,
+                    unnamed,
                     portal: kind == b'P',
                 }));
             }
@@ -2807,14 +2812,17 @@ impl Session {
             }
             tag::PARAMETER_DESCRIPTION => {
                 if let Some(Expect::Reply {
-                    kind:
-                        Kind::Describe {
-                            stmt: Some(stmt), ..
-                        },
+                    kind: Kind::Describe { stmt, unnamed, .. },
                     ..
                 }) = held.expect.front()
                 {
-                    stmt.learn_param_types(&crate::server::parse_param_types(frame.body()));
+                    let types = crate::server::parse_param_types(frame.body());
+                    if let Some(stmt) = stmt {
+                        stmt.learn_param_types(&types);
+                    } else if let Some(described) = unnamed {
+                        let described = described.clone();
+                        self.learn_unnamed_types(&described, types);
+                    }
                 }
             }
             tag::DATA_ROW => {
@@ -2887,6 +2895,24 @@ impl Session {
         }
         let merge = self.merge.as_ref();
         pop_synthetic(&mut self.conns[i], &mut self.out, merge);
+    }
+
+    /// The server described the client's unnamed statement: parameter types its Parse left
+    /// unspecified are known now, which routing needs to read a key sent in binary. (Unless
+    /// the client has parsed another since.)
+    fn learn_unnamed_types(&mut self, described: &Arc<Unnamed>, types: Vec<u32>) {
+        let Some(current) = &self.unnamed else {
+            return;
+        };
+        if !Arc::ptr_eq(current, described)
+            || (current.types.len() >= types.len() && !current.types.contains(&0))
+        {
+            return;
+        }
+        self.unnamed = Some(Arc::new(Unnamed {
+            types,
+            ..Unnamed::clone(current)
+        }));
     }
 
     /// After a statement ran through Execute: `DEALLOCATE ALL` or `DISCARD ALL` (sent on to

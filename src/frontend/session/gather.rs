@@ -631,6 +631,7 @@ impl Session {
         self.conns[i].expect.push_back(Expect::Reply {
             kind: Kind::Describe {
                 stmt: None,
+                unnamed: None,
                 portal: true,
             },
             forward: false,
