@@ -2244,3 +2244,77 @@ async fn an_unnamed_statement_learns_its_parameter_types() {
         .get(0);
     assert_eq!(n, 1, "the row is on the shard its key names");
 }
+
+/// A parameter of a user-defined type (an enum) in a statement run on every shard: each shard
+/// has its own OID for the type, so the one a shard's Describe taught is not declared to the
+/// others; each infers it, as for the client.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_defined_parameter_type_across_shards() {
+    let table = unique("moods");
+    let mood = unique("mood");
+    let sharded = Proxy::start_sharded(|c| {
+        c.routing.replica_reads = false;
+        c.sharding.tables.insert(table.clone(), "id".into());
+    })
+    .await;
+    // The second shard's OIDs run ahead, so the type gets a different OID there.
+    let second = common::with_cluster(|c| c.shards()[1].primary.port);
+    let mut c = raw::Raw::login(second).await;
+    c.send(&raw::query(&format!("CREATE TYPE {mood}_skew AS (a int)")))
+        .await;
+    c.until_ready().await;
+    let client = sharded.connect().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TYPE {mood} AS ENUM ('ok', 'sad'); \
+             CREATE TABLE {table} (id int, m {mood})"
+        ))
+        .await
+        .expect("create on every shard");
+    for id in 1..=8 {
+        let m = if id % 2 == 0 { "ok" } else { "sad" };
+        client
+            .execute(
+                &format!("INSERT INTO {table} (id, m) VALUES ({id}, '{m}')"),
+                &[],
+            )
+            .await
+            .expect("insert");
+    }
+    let mut c = raw::Raw::login(sharded.port).await;
+    let count = format!("SELECT count(*) FROM {table} WHERE m = $1");
+    c.send(
+        &[
+            raw::parse("s", &count),
+            raw::describe(b'S', "s"),
+            raw::sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    let described = c.until_ready().await;
+    assert_eq!(
+        raw::tags(&described),
+        "1tTZ",
+        "{}",
+        raw::explain(&described)
+    );
+    for _ in 0..2 {
+        c.send(
+            &[
+                raw::bind("", "s", &["ok"]),
+                raw::execute("", 0),
+                raw::sync(),
+            ]
+            .concat(),
+        )
+        .await;
+        let counted = c.until_ready().await;
+        assert_eq!(
+            counted.iter().find_map(raw::Msg::col0).as_deref(),
+            Some("4"),
+            "{}",
+            raw::explain(&counted)
+        );
+    }
+}

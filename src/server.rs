@@ -277,6 +277,15 @@ impl Statement {
     }
 }
 
+/// A parameter type to declare in a Parse sent to any shard: a built-in type's OID (below
+/// FirstNormalObjectId, the same on every server), else 0 (the server infers it, as it did
+/// for the client): a user-defined type (an enum, a domain) has its own OID on each server,
+/// and one learned from a shard's Describe names nothing, or another type, on the others.
+pub fn portable_type(oid: u32) -> u32 {
+    const FIRST_NORMAL_OBJECT_ID: u32 = 16384;
+    if oid < FIRST_NORMAL_OBJECT_ID { oid } else { 0 }
+}
+
 /// The parameter type OIDs of a Parse message body section (`i16` count, then OIDs).
 pub fn parse_param_types(section: &[u8]) -> Vec<u32> {
     section

@@ -486,8 +486,8 @@ impl Session {
         }
         let mut encoded = Vec::with_capacity(2 + 4 * types.len());
         encoded.extend_from_slice(&(types.len() as i16).to_be_bytes());
-        for t in &types {
-            encoded.extend_from_slice(&t.to_be_bytes());
+        for &t in &types {
+            encoded.extend_from_slice(&crate::server::portable_type(t).to_be_bytes());
         }
         let stmt = self.shared.statements.intern(
             &decode::Parse {
@@ -557,7 +557,8 @@ impl Session {
         let mut encoded = Vec::with_capacity(2 + 4 * part.params.len());
         encoded.extend_from_slice(&(part.params.len() as i16).to_be_bytes());
         for &n in &part.params {
-            encoded.extend_from_slice(&types.get(n - 1).copied().unwrap_or(0).to_be_bytes());
+            let t = types.get(n - 1).copied().unwrap_or(0);
+            encoded.extend_from_slice(&crate::server::portable_type(t).to_be_bytes());
         }
         let stmt = self.shared.statements.intern(
             &decode::Parse {
