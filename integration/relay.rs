@@ -1843,7 +1843,12 @@ async fn a_statement_prepared_again_after_a_schema_change_works() {
                 0,
                 [raw::close(b'S', "s1"), raw::parse("s2", &select), run("s2")].concat(),
             ),
-            // The other client's statement stays stale until it prepares it again.
+            // Changed again: the other client's statement stays stale until it prepares it
+            // again, and then gets a plan newer than the first client's.
+            (
+                0,
+                raw::query(&format!("ALTER TABLE {table} ADD COLUMN more int")),
+            ),
             (1, run("s1")),
             (1, [raw::parse("s3", &select), run("s3")].concat()),
         ];
@@ -1869,8 +1874,9 @@ async fn a_statement_prepared_again_after_a_schema_change_works() {
             "CZ  0",
             "EZ 0A000 0",
             "312DCZ  3",
+            "CZ  0",
             "EZ 0A000 0",
-            "12DCZ  3"
+            "12DCZ  4"
         ]
     );
     for (proxy, what) in [(&one, "one shard"), (&sharded, "sharded")] {

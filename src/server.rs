@@ -336,16 +336,15 @@ impl StatementRegistry {
         stmt
     }
 
-    /// Forgets `stmt` (its plan went stale on a server): the next Parse of its text makes a
-    /// new statement, prepared afresh under a new name. Connections keep the old one, which
-    /// clients still bound to it go on using, as they would on Postgres.
+    /// Forgets the statement for `stmt`'s text (its plan went stale on a server): the next
+    /// Parse of the text makes a new statement, prepared afresh under a new name. That is so
+    /// even when the registry already moved on to a newer statement for the text: prepared
+    /// before the same schema change, it may be stale too. Connections keep the old ones,
+    /// which clients still bound to them go on using, as they would on Postgres.
     pub fn retire(&self, stmt: &Statement) {
         // The Parse message is `P`, length, server name, NUL, then the key.
         let key = &stmt.parse[5 + stmt.server_name.len() + 1..];
-        let mut map = self.by_text.lock();
-        if map.get(key).is_some_and(|s| s.id == stmt.id) {
-            map.remove(key);
-        }
+        self.by_text.lock().remove(key);
     }
 
     pub fn len(&self) -> usize {
