@@ -2420,12 +2420,19 @@ impl Session {
         let (analysis, types, parse) =
             if let Some((analysis, types, parse)) = overlay.get(bind.statement) {
                 // Parsed earlier in this batch; server-described types (if the statement existed
-                // already) are better than the Parse's unspecified ones.
-                let learned = self
-                    .statements
-                    .get(bind.statement)
-                    .map(|s| s.param_types.lock().clone())
-                    .filter(|t| t.len() >= types.len() && !t.contains(&0));
+                // already: a driver parses the unnamed statement again before each use) are
+                // better than the Parse's unspecified ones.
+                let learned = if bind.statement.is_empty() {
+                    self.unnamed
+                        .as_ref()
+                        .filter(|u| u.parse == *parse)
+                        .map(|u| u.types.clone())
+                } else {
+                    self.statements
+                        .get(bind.statement)
+                        .map(|s| s.param_types.lock().clone())
+                };
+                let learned = learned.filter(|t| t.len() >= types.len() && !t.contains(&0));
                 (
                     analysis.clone(),
                     learned.unwrap_or_else(|| types.clone()),
