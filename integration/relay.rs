@@ -2322,3 +2322,76 @@ async fn a_user_defined_parameter_type_across_shards() {
         );
     }
 }
+
+/// A statement the router cannot plan in the middle of a pipeline (a syntax error, a shape it
+/// refuses): what comes before it runs and is answered, the error comes where Postgres puts
+/// it, and the rest is skipped up to the Sync; the implicit transaction rolls back.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unplannable_statement_mid_pipeline() {
+    let table = unique("mid_pipeline");
+    let (_, sharded) = pools_of_one_with_table(&table).await;
+    let primary = common::with_cluster(|c| c.shards()[0].primary.port);
+    let direct_table = unique("mid_pipeline");
+    let mut setup = raw::Raw::login(primary).await;
+    setup
+        .send(&raw::query(&format!("CREATE TABLE {direct_table} (id int)")))
+        .await;
+    setup.until_ready().await;
+    async fn exchange(port: u16, table: &str, bad: &str) -> Vec<String> {
+        let mut c = raw::Raw::login(port).await;
+        let statement = |sql: &str| {
+            [raw::parse("", sql), raw::bind("", "", &[]), raw::execute("", 0)].concat()
+        };
+        let insert = |id: i32| statement(&format!("INSERT INTO {table} (id) VALUES ({id})"));
+        let steps = [
+            [insert(1), statement(bad), insert(2), raw::sync()].concat(),
+            raw::query(&format!("SELECT count(*) FROM {table}")),
+            raw::query("BEGIN"),
+            [insert(3), statement(bad), raw::sync()].concat(),
+            raw::query("COMMIT"),
+            raw::query(&format!("SELECT count(*) FROM {table}")),
+            // The unnamed statement whose Parse failed is gone.
+            [raw::bind("", "", &[]), raw::execute("", 0), raw::sync()].concat(),
+        ];
+        let mut replies = Vec::new();
+        for step in &steps {
+            c.send(step).await;
+            let msgs = c.until_ready().await;
+            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
+            let value = msgs.iter().find_map(raw::Msg::col0).unwrap_or_default();
+            let status = msgs.last().map_or('-', |z| char::from(z.body[0]));
+            replies.push(format!("{} {status} {code}{value}", raw::tags(&msgs)));
+        }
+        replies
+    }
+    let direct = exchange(primary, &direct_table, "SELEC 1").await;
+    assert_eq!(
+        direct,
+        [
+            "12CEZ I 42601",
+            "TDCZ I 0",
+            "CZ T ",
+            "12CEZ E 42601",
+            "CZ I ",
+            "TDCZ I 0",
+            "EZ I 26000"
+        ]
+    );
+    assert_eq!(exchange(sharded.port, &table, "SELEC 1").await, direct);
+    // A statement Postgres would run but the router refuses: the same, with its 0A000 at the
+    // Bind (Postgres parses it).
+    let refused = exchange(sharded.port, &table, "SELECT collation for ('a')").await;
+    assert_eq!(
+        refused,
+        [
+            "12C1EZ I 0A000",
+            "TDCZ I 0",
+            "CZ T ",
+            "12C1EZ E 0A000",
+            "CZ I ",
+            "TDCZ I 0",
+            // (Parsed, so the client has it; bound again, it is refused again.)
+            "EZ I 0A000"
+        ]
+    );
+}

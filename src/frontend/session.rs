@@ -1989,15 +1989,21 @@ impl Session {
         // Route every Bind; a batch normally targets one place. A Parse earlier in the batch
         // defines the statement its Binds use, so planning sees the batch in order.
         let mut overlay: HashMap<Bytes, (Arc<Analysis>, Vec<u32>, Bytes)> = HashMap::new();
+        let mut parsed_at: HashMap<Bytes, usize> = HashMap::new();
         let mut targets: Vec<Option<Plan>> = Vec::with_capacity(batch.len());
-        for frame in &batch {
+        // A statement the router cannot plan: the message where Postgres would fail (the
+        // Parse of a syntax error, else the Bind), and the error.
+        let mut cut: Option<(usize, Bytes)> = None;
+        for (n, frame) in batch.iter().enumerate() {
             if frame.tag() == tag::PARSE
                 && !self.shared.router.passthrough()
                 && let Ok(parse) = decode::parse(frame.body())
             {
                 let sql = String::from_utf8_lossy(parse.query);
+                let name = Bytes::copy_from_slice(parse.name);
+                parsed_at.insert(name.clone(), n);
                 overlay.insert(
-                    Bytes::copy_from_slice(parse.name),
+                    name,
                     (
                         self.shared.router.analyze(&sql),
                         crate::server::parse_param_types(parse.param_types),
@@ -2009,19 +2015,30 @@ impl Session {
                 tag::BIND => match self.plan_bind(frame, &overlay) {
                     Ok(plan) => plan,
                     Err(e) => {
-                        self.settle().await?;
-                        match Box::pin(self.bind_syntax_error(frame, &overlay)).await {
-                            Some(error) => self.out.extend_from_slice(&error),
-                            None => super::error(&mut self.out, e.sqlstate(), &e.to_string()),
-                        }
-                        if let Some(tx) = self.tx.as_mut() {
-                            tx.failed = true;
-                        }
-                        return self.end_failed_batch(has_sync);
+                        cut = Some(
+                            Box::pin(self.unplanned(frame, &e, &overlay, &parsed_at, n)).await,
+                        );
+                        break;
                     }
                 },
                 _ => None,
             });
+        }
+        if let Some((at, error)) = &cut {
+            if *at == 0 {
+                // Nothing before it: the error is the batch's whole answer.
+                self.settle().await?;
+                self.out.extend_from_slice(error);
+                if let Some(tx) = self.tx.as_mut() {
+                    tx.failed = true;
+                }
+                return self.end_failed_batch(has_sync);
+            }
+            // What comes before runs, as on Postgres; the rest is skipped up to the Sync.
+            targets.resize_with(batch.len(), || None);
+            for target in &mut targets[*at..] {
+                *target = None;
+            }
         }
         if self.tx.is_some() && targets.iter().flatten().count() > 1 {
             // Savepoints pipelined with other statements (one shard runs them, as pgjdbc's
@@ -2177,6 +2194,20 @@ impl Session {
         let mut wire =
             BytesMut::with_capacity(batch.iter().map(|f| f.bytes().len()).sum::<usize>() + 256);
         for (n, frame) in batch.drain(..).enumerate() {
+            // (With everything before it skipped, so is the error: there is nothing to end.)
+            if let Some((_, error)) = cut.take_if(|(at, _)| *at == n)
+                && let Some(i) = current
+                && !self.skip_until_sync
+            {
+                self.queue_error(i, error, &mut wire);
+                if frame.tag() == tag::PARSE && frame.body().first() == Some(&0) {
+                    // A Parse of the unnamed statement that fails leaves none (see on_server_error).
+                    self.unnamed = None;
+                    for held in &mut self.conns {
+                        held.unnamed_ready = false;
+                    }
+                }
+            }
             if self.skip_until_sync && frame.tag() != tag::SYNC {
                 continue;
             }
@@ -2693,8 +2724,13 @@ impl Session {
     fn synthetic_error(&mut self, i: usize, code: &str, msg: &str, wire: &mut BytesMut) {
         let mut err = BytesMut::new();
         super::error(&mut err, code, msg);
+        self.queue_error(i, err.freeze(), wire);
+    }
+
+    /// As [`Session::synthetic_error`], with the ErrorResponse made already.
+    fn queue_error(&mut self, i: usize, error: Bytes, wire: &mut BytesMut) {
         let held = &mut self.conns[i];
-        held.expect.push_back(Expect::Synthetic(err.freeze()));
+        held.expect.push_back(Expect::Synthetic(error));
         fail(wire);
         held.expect.push_back(Expect::Reply {
             kind: Kind::Fail,

@@ -34,6 +34,29 @@ impl Session {
     /// [`Session::syntax_error`] for the statement a Bind refused by the router uses, when it
     /// was Parsed in the same batch: that Parse never reached a server, and on Postgres it is
     /// the Parse that fails.
+    /// A Bind the router cannot plan (`error`), at `n` in the batch: where Postgres would fail
+    /// (the Parse earlier in the batch, for a syntax error) and the error to answer there
+    /// (Postgres' own for a syntax error).
+    pub(super) async fn unplanned(
+        &mut self,
+        bind: &Frame,
+        error: &router::Error,
+        overlay: &HashMap<Bytes, (Arc<Analysis>, Vec<u32>, Bytes)>,
+        parsed_at: &HashMap<Bytes, usize>,
+        n: usize,
+    ) -> (usize, Bytes) {
+        if let Some(syntax) = self.bind_syntax_error(bind, overlay).await {
+            let at = decode::bind(bind.body())
+                .ok()
+                .and_then(|b| parsed_at.get(b.statement).copied())
+                .unwrap_or(n);
+            return (at, syntax);
+        }
+        let mut out = BytesMut::new();
+        crate::frontend::error(&mut out, error.sqlstate(), &error.to_string());
+        (n, out.freeze())
+    }
+
     pub(super) async fn bind_syntax_error(
         &mut self,
         bind: &Frame,
