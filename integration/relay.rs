@@ -2403,3 +2403,55 @@ async fn an_unplannable_statement_mid_pipeline() {
         ]
     );
 }
+
+/// A portal bound before the transaction aborted (on another shard) is not fetched from after:
+/// 25P02, as on Postgres.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_portal_after_the_transaction_aborted() {
+    let table = unique("portal_abort");
+    let (_, sharded) = pools_of_one_with_table(&table).await;
+    let primary = common::with_cluster(|c| c.shards()[0].primary.port);
+    let ids = ids_on_each_shard(&sharded, &table).await;
+    let direct_table = unique("portal_abort");
+    let mut setup = raw::Raw::login(primary).await;
+    setup
+        .send(&raw::query(&format!(
+            "CREATE TABLE {direct_table} (id int)"
+        )))
+        .await;
+    setup.until_ready().await;
+    async fn exchange(port: u16, table: &str, id: i32) -> Vec<String> {
+        let mut c = raw::Raw::login(port).await;
+        let steps = [
+            raw::query(&format!(
+                "INSERT INTO {table} (id) VALUES ({id}), ({id}), ({id}), ({id})"
+            )),
+            raw::query("BEGIN"),
+            [
+                raw::parse("", &format!("SELECT id FROM {table} WHERE id = {id}")),
+                raw::bind("c", "", &[]),
+                raw::execute("c", 2),
+                raw::sync(),
+            ]
+            .concat(),
+            raw::extended("SELECT 1/0"),
+            [raw::execute("c", 2), raw::sync()].concat(),
+            raw::query("ROLLBACK"),
+            raw::query(&format!("DELETE FROM {table}")),
+        ];
+        let mut replies = Vec::new();
+        for step in &steps {
+            c.send(step).await;
+            let msgs = c.until_ready().await;
+            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
+            let status = msgs.last().map_or('-', |z| char::from(z.body[0]));
+            replies.push(format!("{} {status} {code}", raw::tags(&msgs)));
+        }
+        replies
+    }
+    let direct = exchange(primary, &direct_table, 1).await;
+    assert_eq!(direct[4], "EZ E 25P02", "{direct:?}");
+    for id in ids {
+        assert_eq!(exchange(sharded.port, &table, id).await, direct, "id {id}");
+    }
+}

@@ -2071,7 +2071,12 @@ impl Session {
                 Some(TxCommand::Rollback | TxCommand::Savepoint | TxCommand::Commit)
             )
         };
-        if self.tx_failed() && !self.shared.router.passthrough() && !plans.iter().all(ends_tx) {
+        // (An Execute of a portal bound before the abort has no plan: refused all the same.)
+        let runs_portal = plans.is_empty() && batch.iter().any(|f| f.tag() == tag::EXECUTE);
+        if self.tx_failed()
+            && !self.shared.router.passthrough()
+            && (runs_portal || !plans.iter().all(ends_tx))
+        {
             return self.fail_batch("25P02", "current transaction is aborted, commands ignored until end of transaction block", has_sync).await;
         }
         // Transaction control through the extended protocol goes where the transaction is.
