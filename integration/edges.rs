@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Proxy;
+use common::{Proxy, raw};
 use tessera::config::AuthMethod;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -313,4 +313,138 @@ async fn dead_server_fails_fast_and_the_pool_recovers() {
         .await
         .expect("recovered without a restart");
     assert_eq!(row.get::<_, i32>(0), 3);
+}
+
+// === Session settings against Postgres: startup parameters, ParameterStatus, RESET ===
+
+/// One frontend message.
+fn frontend(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// ParameterStatus values by name, for comparison.
+type Reported = std::collections::BTreeMap<String, String>;
+
+fn parameter_status(m: &raw::Msg) -> (String, String) {
+    let mut parts = m.body.split(|&b| b == 0);
+    let mut next = || String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+    (next(), next())
+}
+
+/// Logs in as app/app (SCRAM) to `port` with startup parameters `params` besides the user and
+/// database: the session and the ParameterStatus values it got, or the ErrorResponse that
+/// refused it.
+async fn login_with(port: u16, params: &[(&str, &str)]) -> Result<(raw::Raw, Reported), raw::Msg> {
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    let s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let mut body = 196_608i32.to_be_bytes().to_vec();
+    for (name, value) in [("user", "app"), ("database", "app")].iter().chain(params) {
+        for s in [name, value] {
+            body.extend_from_slice(s.as_bytes());
+            body.push(0);
+        }
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    let mut raw = raw::Raw { s };
+    raw.send(&packet).await;
+    let mut scram = ScramSha256::new(b"app", ChannelBinding::unsupported());
+    let mut reported = Reported::new();
+    loop {
+        let m = raw.read().await;
+        let code = m
+            .body
+            .get(..4)
+            .map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+        match (m.tag, code) {
+            (b'R', Some(10)) => {
+                let first = scram.message().to_vec();
+                let mut b = b"SCRAM-SHA-256\0".to_vec();
+                b.extend_from_slice(&(first.len() as i32).to_be_bytes());
+                b.extend_from_slice(&first);
+                raw.send(&frontend(b'p', &b)).await;
+            }
+            (b'R', Some(11)) => {
+                scram.update(&m.body[4..]).expect("server first");
+                let next = scram.message().to_vec();
+                raw.send(&frontend(b'p', &next)).await;
+            }
+            (b'R', Some(12)) => scram.finish(&m.body[4..]).expect("server final"),
+            (b'S', _) => {
+                reported.insert(parameter_status(&m).0, parameter_status(&m).1);
+            }
+            (b'Z', _) => return Ok((raw, reported)),
+            (b'E', _) => return Err(m),
+            _ => {}
+        }
+    }
+}
+
+/// The primary the single-shard proxy serves, for a direct comparison.
+fn direct_port() -> u16 {
+    common::with_cluster(|c| c.shards()[0].primary.port)
+}
+
+/// A reply as comparable text: every message's tag and body (ParameterStatus, rows, tags).
+fn transcript(msgs: &[raw::Msg]) -> Vec<String> {
+    msgs.iter()
+        .map(|m| format!("{} {}", m.tag as char, String::from_utf8_lossy(&m.body)))
+        .collect()
+}
+
+/// Sends `message` and reads the reply up to its ReadyForQuery.
+async fn run(raw: &mut raw::Raw, message: &[u8]) -> Vec<raw::Msg> {
+    raw.send(message).await;
+    raw.until_ready().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_set_in_a_failed_batch_is_forgotten_as_on_postgres() {
+    // One server connection, used by another client before each step: what the client set
+    // comes back only through the proxy's replay.
+    let proxy = Proxy::start(|c| c.pool.size = 1).await;
+    let (mut direct, _) = login_with(direct_port(), &[]).await.expect("login");
+    let (mut client, _) = login_with(proxy.port, &[]).await.expect("login");
+    let other = proxy.connect().await;
+    let show = raw::query("SELECT current_setting('TimeZone'), current_setting('DateStyle')");
+    let table = common::unique("deferred");
+    let create = format!("CREATE TABLE {table} (k int UNIQUE DEFERRABLE INITIALLY DEFERRED)");
+    run(&mut direct, &raw::query(&create)).await;
+    let steps = [
+        // The batch's implicit transaction rolls back, the SET with it.
+        [
+            raw::parse("", "SET TimeZone = 'Asia/Tokyo'"),
+            raw::bind("", "", &[]),
+            raw::execute("", 0),
+            raw::parse("", "SELECT 1/0"),
+            raw::bind("", "", &[]),
+            raw::execute("", 0),
+            raw::sync(),
+        ]
+        .concat(),
+        show.clone(),
+        // So does a transaction whose COMMIT fails.
+        raw::query("BEGIN"),
+        raw::query(&format!(
+            "SET DateStyle = 'German'; INSERT INTO {table} VALUES (1), (1)"
+        )),
+        raw::query("COMMIT"),
+        show,
+    ];
+    for (n, step) in steps.iter().enumerate() {
+        let at_postgres = run(&mut direct, step).await;
+        if n != 3 && n != 4 {
+            other.simple_query("SELECT 1").await.expect("other client");
+        }
+        let here = run(&mut client, step).await;
+        assert_eq!(transcript(&here), transcript(&at_postgres), "step {n}");
+    }
+    run(&mut direct, &raw::query(&format!("DROP TABLE {table}"))).await;
+    proxy.shutdown().await;
 }

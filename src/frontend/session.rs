@@ -164,6 +164,8 @@ struct Held {
     /// An error arrived and its ReadyForQuery has not yet: the transaction is about to be
     /// aborted, whatever the client sends meanwhile.
     failing: bool,
+    /// The last ReadyForQuery ended a transaction that failed: what it set is gone.
+    rolled_back: bool,
     /// Extended-protocol messages went here with no Sync behind them yet (a batch ended by
     /// Flush, or an Execute's COPY whose Sync the server ignores): the server is inside the
     /// implicit transaction they opened, which only a Sync (or a simple Query) ends, so the
@@ -230,6 +232,7 @@ impl Held {
             self.unsynced = false;
         }
         self.copy_in = false;
+        self.rolled_back = self.failing && status == TxStatus::Idle;
         self.failing = false;
     }
 }
@@ -1896,6 +1899,7 @@ impl Session {
             begun: self.tx.is_some(),
             injected_error: None,
             failing: false,
+            rolled_back: false,
             unsynced: false,
             // Only replicas count reads in flight (for least-busy balancing).
             _in_flight: (key.server > 0)
@@ -3014,7 +3018,9 @@ impl Session {
             return;
         }
         if !self.tx_changes.is_empty() {
-            if held.last_tag != b"ROLLBACK" {
+            // A failed implicit transaction (a batch, a COMMIT that failed) rolled back what it
+            // set, as ROLLBACK does.
+            if held.last_tag != b"ROLLBACK" && !held.rolled_back {
                 let changes = std::mem::take(&mut self.tx_changes);
                 self.settings.apply(&changes);
             }
