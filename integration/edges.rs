@@ -448,3 +448,77 @@ async fn a_set_in_a_failed_batch_is_forgotten_as_on_postgres() {
     run(&mut direct, &raw::query(&format!("DROP TABLE {table}"))).await;
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_reports_the_settings_as_postgres_does() {
+    let proxy = Proxy::start(|_| {}).await;
+    let cases: Vec<Vec<(&str, &str)>> = vec![
+        // As drivers write them (asyncpg quotes client_encoding): Postgres reports its own forms.
+        vec![
+            ("application_name", "drivers"),
+            ("TimeZone", "america/new_york"),
+            ("DateStyle", "iso, dmy"),
+            ("client_encoding", "'utf-8'"),
+        ],
+        // libpq's options: -c and --name=value entries; a plain parameter wins over them.
+        vec![("options", "-c TimeZone=Asia/Tokyo -c application_name=x")],
+        vec![
+            (
+                "options",
+                "--application-name=from\\ options -c intervalstyle=SQL_STANDARD",
+            ),
+            ("application_name", "plain wins"),
+        ],
+        // Reported as Postgres cleans it, not as sent.
+        vec![("application_name", "caf\u{e9}")],
+        vec![],
+    ];
+    for params in &cases {
+        let (_, at_postgres) = login_with(direct_port(), params)
+            .await
+            .unwrap_or_else(|e| panic!("{params:?}: {:?}", e.field(b'M')));
+        // Twice: the second login takes what the first learnt.
+        for round in 0..2 {
+            let (_, at_proxy) = login_with(proxy.port, params)
+                .await
+                .unwrap_or_else(|e| panic!("{params:?}: {:?}", e.field(b'M')));
+            assert_eq!(at_proxy, at_postgres, "{params:?}, login {round}");
+        }
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_startup_setting_is_refused_as_postgres_refuses_it() {
+    let proxy = Proxy::start(|_| {}).await;
+    let cases: [&[(&str, &str)]; 4] = [
+        &[("TimeZone", "Nowhere/Land")],
+        &[("options", "-c DateStyle=foo")],
+        &[
+            ("application_name", "ok"),
+            ("options", "-c no_such_setting=1"),
+        ],
+        // Overridden by a valid plain parameter, but applied first all the same.
+        &[("TimeZone", "UTC"), ("options", "-c TimeZone=Nowhere/Land")],
+    ];
+    for params in cases {
+        let at_postgres = login_with(direct_port(), params)
+            .await
+            .err()
+            .expect("Postgres refuses it");
+        let at_proxy = login_with(proxy.port, params)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{params:?} accepted"));
+        for field in [b'S', b'V', b'C', b'M', b'D', b'H'] {
+            assert_eq!(
+                at_proxy.field(field),
+                at_postgres.field(field),
+                "{params:?}, field {}",
+                field as char
+            );
+        }
+    }
+    assert_proxy_works(&proxy).await;
+    proxy.shutdown().await;
+}

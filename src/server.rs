@@ -76,6 +76,9 @@ pub struct Shared {
     /// Gids between PREPARE and the end of phase two in some session: the resolver leaves
     /// them alone.
     pub in_flight: Arc<Mutex<HashSet<String>>>,
+    /// What a server reports at login (ParameterStatus) for each set of startup settings seen
+    /// (`Settings::status_key`): a client sending a set seen before costs no round trip.
+    pub login_status: LoginStatusCache,
 }
 
 impl Shared {
@@ -132,6 +135,7 @@ impl Shared {
             next_gid: AtomicU64::new(0),
             ids: IdGenerator::new(config.node_id),
             in_flight: Arc::new(Mutex::new(HashSet::new())),
+            login_status: LoginStatusCache::default(),
             config,
         })
     }
@@ -140,6 +144,37 @@ impl Shared {
     pub fn new_gid(&self) -> String {
         let seq = self.next_gid.fetch_add(1, Ordering::Relaxed) + 1;
         twopc::gid(self.config.node_id, self.boot, seq)
+    }
+}
+
+// === LoginStatusCache ===
+
+/// How many distinct sets of startup settings keep their login ParameterStatus values; the
+/// cache starts over when full.
+const LOGIN_STATUS_CAPACITY: usize = 1_000;
+
+/// The ParameterStatus values a server reports at login, by set of startup settings.
+#[derive(Default)]
+pub struct LoginStatusCache {
+    by_key: Mutex<HashMap<String, Arc<LoginStatus>>>,
+}
+
+/// What a server reports at login for one set of startup settings: learnt once, by the first
+/// login that asks, while the others with the same set wait for it rather than each taking a
+/// pooled connection (a crowd of new clients would queue behind the pool's work). Left
+/// unset if the server refused the settings or could not be asked: the next login asks.
+pub type LoginStatus = tokio::sync::OnceCell<Arc<[(String, String)]>>;
+
+impl LoginStatusCache {
+    pub fn entry(&self, key: &str) -> Arc<LoginStatus> {
+        let mut by_key = self.by_key.lock();
+        if let Some(status) = by_key.get(key) {
+            return status.clone();
+        }
+        if by_key.len() >= LOGIN_STATUS_CAPACITY {
+            by_key.clear();
+        }
+        by_key.entry(key.to_string()).or_default().clone()
     }
 }
 

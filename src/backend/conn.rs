@@ -190,6 +190,53 @@ impl ServerConn {
         Ok(error)
     }
 
+    /// Runs `sql` as one simple Query and returns the text columns of the last row it
+    /// returned, or the body of the server's ErrorResponse if a statement failed.
+    ///
+    /// # Errors
+    /// The server went away or answered out of protocol; the connection is marked broken.
+    pub async fn query_row(
+        &mut self,
+        sql: &str,
+    ) -> Result<Result<Vec<Option<String>>, Bytes>, Error> {
+        let mut wire = BytesMut::new();
+        build::query(&mut wire, sql);
+        self.send(&wire).await?;
+        let (mut row, mut error) = (Vec::new(), None);
+        loop {
+            let frame = match self.reader.next().await {
+                Ok(frame) => frame,
+                Err(e) => {
+                    self.broken = true;
+                    return Err(Error::protocol(&self.addr, e));
+                }
+            };
+            match frame.tag() {
+                tag::DATA_ROW => match decode::data_row_text(frame.body()) {
+                    Ok(columns) => row = columns,
+                    Err(e) => {
+                        self.broken = true;
+                        return Err(Error::protocol(&self.addr, e));
+                    }
+                },
+                tag::ERROR_RESPONSE if error.is_none() => {
+                    error = Some(frame.into_bytes().slice(5..))
+                }
+                tag::READY_FOR_QUERY => {
+                    match decode::ready_for_query(frame.body()) {
+                        Ok(status) => self.status = status,
+                        Err(e) => {
+                            self.broken = true;
+                            return Err(Error::protocol(&self.addr, e));
+                        }
+                    }
+                    return Ok(error.map_or(Ok(row), Err));
+                }
+                _ => {} // descriptions, completions, notices, ParameterStatus
+            }
+        }
+    }
+
     /// Writes bytes to the server.
     ///
     /// # Errors

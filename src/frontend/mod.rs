@@ -83,6 +83,8 @@ pub async fn refuse(mut stream: TcpStream, code: &str, message: &str) {
 pub struct Login {
     pub user: String,
     pub settings: Settings,
+    /// The ParameterStatus values the client got at login: its session-start values.
+    pub status: Vec<(String, String)>,
     /// The client's BackendKeyData and where a cancel for it goes; unregistered on drop.
     pub cancel: crate::server::CancelEntry,
 }
@@ -187,25 +189,24 @@ async fn handshake(
         Err(reason) => return fatal(writer, "0A000", &reason).await,
     };
 
-    // ParameterStatus comes from a real server so clients see its version, encoding and
-    // defaults; values the client asked for at startup take precedence, as they would on it.
-    let pool = &shared.shards[0].primary;
-    let server_params = match pool.server_params() {
-        Some(p) => p,
-        None => match pool.get().await {
-            Ok(conn) => conn.params.clone(),
-            Err(e) => return fatal(writer, e.sqlstate(), &e.to_string()).await,
-        },
+    let status = match login_status(shared, &settings).await {
+        Ok(status) => status,
+        Err(LoginError::Server(e)) => return fatal(writer, e.sqlstate(), &e.to_string()).await,
+        Err(LoginError::Refused(error)) => {
+            // A startup setting the server refused: its error (22023 for a bad value, 42704
+            // for an unknown name), FATAL as Postgres sends it at login.
+            let mut out = BytesMut::new();
+            build::fatal_from(&mut out, &error);
+            writer.write_all(&out).await?;
+            let fields = decode::error_fields(&error).unwrap_or_default();
+            return Err(Error::Refused(fields.message));
+        }
     };
     let cancel = crate::server::CancelRegistry::register(shared);
     let mut out = BytesMut::new();
     build::auth_ok(&mut out);
-    for (name, value) in &server_params {
-        let asked = params
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str());
-        build::parameter_status(&mut out, name, asked.unwrap_or(value));
+    for (name, value) in &status {
+        build::parameter_status(&mut out, name, value);
     }
     build::backend_key_data(&mut out, cancel.pid, cancel.secret);
     build::ready_for_query(&mut out, TxStatus::Idle);
@@ -213,8 +214,87 @@ async fn handshake(
     Ok(Some(Login {
         user,
         settings,
+        status,
         cancel,
     }))
+}
+
+/// Why a client's login could not get its ParameterStatus values.
+enum LoginError {
+    /// No server to ask (`08001`, `53300`...).
+    Server(crate::backend::Error),
+    /// The server refused a startup setting: its ErrorResponse.
+    Refused(bytes::Bytes),
+}
+
+impl From<crate::backend::Error> for LoginError {
+    fn from(e: crate::backend::Error) -> Self {
+        LoginError::Server(e)
+    }
+}
+
+/// The ParameterStatus values a client gets at login: those Postgres would send for its
+/// startup packet. Postgres reports each setting in its own form (`Asia/Tokyo` for
+/// `asia/tokyo`, `UTF8` for `'utf-8'`) once the startup parameters and `options` are applied,
+/// and refuses the login over a value it rejects; rather than a second implementation of its
+/// rules, a server is asked, once per distinct set of startup settings. A client with none
+/// (or only a plain `application_name`) gets the server's own values without a round trip.
+async fn login_status(
+    shared: &Shared,
+    settings: &Settings,
+) -> Result<Vec<(String, String)>, LoginError> {
+    let pool = &shared.shards[0].primary;
+    let key = settings.status_key();
+    let mut status = if key.is_empty() {
+        match pool.server_params() {
+            Some(params) => params,
+            None => pool.get().await?.params.clone(),
+        }
+    } else {
+        let known = shared.login_status.entry(&key);
+        let status = known
+            .get_or_try_init(|| async { ask_status(pool, settings).await.map(Arc::from) })
+            .await?;
+        status.to_vec()
+    };
+    if let Some(name) = settings.plain_application_name() {
+        for (_, value) in status
+            .iter_mut()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("application_name"))
+        {
+            *value = name.to_string();
+        }
+    }
+    Ok(status)
+}
+
+/// Applies the client's startup settings on a server connection, as a replay would, and reads
+/// back every value the server reports, in one round trip and one implicit transaction: a
+/// refused value leaves the connection as it was. A connection that took them keeps them,
+/// so the session's first statement may find it ready.
+async fn ask_status(
+    pool: &crate::backend::Pool,
+    settings: &Settings,
+) -> Result<Vec<(String, String)>, LoginError> {
+    let mut conn = pool.get().await?;
+    let names: Vec<String> = conn.params.iter().map(|(n, _)| n.clone()).collect();
+    let row = match conn.query_row(&settings.status_sql(&names)).await? {
+        Ok(row) => row,
+        Err(error) => return Err(LoginError::Refused(error)),
+    };
+    if row.len() != names.len() {
+        conn.broken = true;
+        return Err(LoginError::Server(crate::backend::Error::Protocol {
+            addr: conn.addr.clone(),
+            reason: "unexpected reply to the startup settings check".into(),
+        }));
+    }
+    conn.settings = settings.fingerprint();
+    Ok(names
+        .into_iter()
+        .zip(row)
+        .map(|(name, value)| (name, value.unwrap_or_default()))
+        .collect())
 }
 
 /// Runs the password exchange for the configured method; `Ok(false)` means a wrong password.

@@ -150,49 +150,83 @@ fn unquote(word: &str) -> String {
     word.trim_matches('"').to_string()
 }
 
-/// Quotes a value as a SQL string literal.
+/// Quotes a value as a SQL string literal that means the same whatever
+/// `standard_conforming_strings` is: one with a backslash is written as an escape string.
 fn literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
+    let quoted = value.replace('\'', "''");
+    if value.contains('\\') {
+        format!("E'{}'", quoted.replace('\\', "\\\\"))
+    } else {
+        format!("'{quoted}'")
+    }
+}
+
+/// Quotes a setting's name as an identifier: the name is the client's, and Postgres looks
+/// settings up whatever their case.
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// What brings a server connection back to its defaults.
 const RESET: &str = "SET SESSION AUTHORIZATION DEFAULT\n;RESET ALL";
 
+/// Printable ASCII, which Postgres takes as it is where it cleans a value (`application_name`).
+fn is_plain(value: &str) -> bool {
+    value.bytes().all(|b| (b' '..=b'~').contains(&b))
+}
+
+/// A setting the client started the session with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Startup {
+    /// The name as the client wrote it.
+    name: String,
+    value: String,
+}
+
+impl Startup {
+    fn sql(&self) -> String {
+        format!("SET {} TO {}", ident(&self.name), literal(&self.value))
+    }
+}
+
 /// A client's session settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settings {
     by_name: BTreeMap<String, String>,
+    /// Every startup setting in the order Postgres applies them, those a later one overrides
+    /// too: each must be valid for the login to be.
+    applied: Vec<Startup>,
     fingerprint: u64,
 }
 
 impl Settings {
     /// Settings from the startup packet. `user`, `database` and protocol options are not settings.
+    /// Postgres applies the `-c` entries of `options` first and the other parameters after
+    /// them, so a parameter sent both ways takes the plain parameter's value.
     ///
     /// # Errors
     /// Startup options Tessera cannot honour (`replication`, unparsable `options`).
     pub fn from_startup(params: &[(String, String)]) -> Result<Settings, String> {
-        let mut settings = Settings::default();
-        let mut changes = Vec::new();
+        let mut options = Vec::new();
+        let mut plain = Vec::new();
         for (name, value) in params {
             match name.as_str() {
                 "user" | "database" => {}
                 "replication" => return Err("replication connections are not supported".into()),
-                "options" => {
-                    for (opt_name, opt_value) in parse_options(value)? {
-                        changes.push(set(
-                            &opt_name,
-                            format!("SET {opt_name} TO {}", literal(&opt_value)),
-                        ));
-                    }
-                }
+                "options" => options.extend(parse_options(value)?),
                 n if n.starts_with("_pq_.") => {}
-                n => changes.push(set(
-                    &n.to_ascii_lowercase(),
-                    format!("SET {n} TO {}", literal(value)),
-                )),
+                n => plain.push((n.to_string(), value.clone())),
             }
         }
-        settings.apply(&changes);
+        let mut settings = Settings::default();
+        for (name, value) in options.into_iter().chain(plain) {
+            let startup = Startup { name, value };
+            settings
+                .by_name
+                .insert(startup.name.to_ascii_lowercase(), startup.sql());
+            settings.applied.push(startup);
+        }
+        settings.refingerprint();
         Ok(settings)
     }
 
@@ -212,6 +246,10 @@ impl Settings {
                 Change::ResetAll => self.by_name.clear(),
             }
         }
+        self.refingerprint();
+    }
+
+    fn refingerprint(&mut self) {
         self.fingerprint = if self.by_name.is_empty() {
             0
         } else {
@@ -239,9 +277,50 @@ impl Settings {
         sql
     }
 
-    /// The value a startup parameter asked for, for ParameterStatus.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
-        self.by_name.iter()
+    /// The statements that set the startup settings on a server connection as Postgres does
+    /// at login (each in turn, after the connection's own are reset as a replay does), then
+    /// read back `names` (`current_setting`, in the form ParameterStatus reports) as one row.
+    pub fn status_sql(&self, names: &[String]) -> String {
+        let mut sql = String::from(RESET);
+        for startup in &self.applied {
+            sql.push_str("\n;");
+            sql.push_str(&startup.sql());
+        }
+        let columns: Vec<String> = names
+            .iter()
+            .map(|n| format!("pg_catalog.current_setting({})", literal(n)))
+            .collect();
+        sql.push_str("\n;SELECT ");
+        sql.push_str(&columns.join(", "));
+        sql
+    }
+
+    /// What decides the values a server reports at login for these startup settings, as a
+    /// cache key. A plain `application_name` is left out: it is reported as sent
+    /// ([`Settings::plain_application_name`]), and is often different on every connection.
+    pub fn status_key(&self) -> String {
+        let plain = self.plain_application_name().is_some();
+        let mut key = String::new();
+        for startup in &self.applied {
+            let name = &startup.name;
+            // Any plain name is valid: one overridden by the plain one changes nothing.
+            if !(plain && name.eq_ignore_ascii_case("application_name") && is_plain(&startup.value))
+            {
+                key.push_str(&startup.sql());
+                key.push('\n');
+            }
+        }
+        key
+    }
+
+    /// The startup `application_name`, if Postgres reports it as sent: printable ASCII (it
+    /// replaces any other byte).
+    pub fn plain_application_name(&self) -> Option<&str> {
+        let startup = self
+            .applied
+            .iter()
+            .rfind(|s| s.name.eq_ignore_ascii_case("application_name"))?;
+        is_plain(&startup.value).then_some(startup.value.as_str())
     }
 }
 
@@ -402,9 +481,9 @@ mod tests {
         ];
         let s = Settings::from_startup(&params).expect("startup");
         let sql = s.replay_sql();
-        assert!(sql.contains("SET application_name TO 'it''s'"), "{sql}");
-        assert!(sql.contains("SET search_path TO 'a b'"), "{sql}");
-        assert!(sql.contains("SET work_mem TO '4MB'"), "{sql}");
+        assert!(sql.contains("SET \"application_name\" TO 'it''s'"), "{sql}");
+        assert!(sql.contains("SET \"search_path\" TO 'a b'"), "{sql}");
+        assert!(sql.contains("SET \"work_mem\" TO '4MB'"), "{sql}");
         assert!(Settings::from_startup(&[("options".into(), "-x".into())]).is_err());
         // A setting whose text ends in a comment hides none that follow it.
         let mut t = Settings::default();
@@ -415,5 +494,57 @@ mod tests {
         assert_eq!(statements.len(), 4, "{sql}");
         assert_eq!(statements[3].trim(), "SET work_mem = '4MB'", "{sql}");
         assert!(Settings::from_startup(&[("replication".into(), "true".into())]).is_err());
+    }
+
+    fn startup(params: &[(&str, &str)]) -> Settings {
+        let params: Vec<(String, String)> = params
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        Settings::from_startup(&params).expect("startup")
+    }
+
+    #[test]
+    fn plain_parameters_win_over_options() {
+        // Postgres applies `options` first.
+        let s = startup(&[
+            ("TimeZone", "UTC"),
+            ("options", "-c timezone=Asia/Tokyo -c DateStyle=ISO"),
+        ]);
+        let sql = s.replay_sql();
+        assert!(sql.contains("SET \"TimeZone\" TO 'UTC'"), "{sql}");
+        assert!(!sql.contains("Asia/Tokyo"), "{sql}");
+        assert!(sql.contains("SET \"datestyle\" TO 'ISO'"), "{sql}");
+    }
+
+    #[test]
+    fn literals_survive_either_string_syntax() {
+        assert_eq!(literal("it's"), "'it''s'");
+        assert_eq!(literal("a\\b'c"), "E'a\\\\b''c'");
+        assert_eq!(ident("we\"ird"), "\"we\"\"ird\"");
+    }
+
+    #[test]
+    fn plain_application_names_stay_out_of_the_status_key() {
+        let a = startup(&[("application_name", "worker 1"), ("TimeZone", "UTC")]);
+        let b = startup(&[("application_name", "worker 2"), ("TimeZone", "UTC")]);
+        assert_eq!(a.status_key(), b.status_key());
+        assert_eq!(a.plain_application_name(), Some("worker 1"));
+        let odd = startup(&[("application_name", "caf\u{e9}")]);
+        assert_eq!(odd.plain_application_name(), None);
+        assert_ne!(odd.status_key(), "");
+        // Every startup setting is applied in Postgres' order, an overridden one too.
+        let both = startup(&[("TimeZone", "UTC"), ("options", "-c TimeZone=bad")]);
+        let sql = both.status_sql(&["TimeZone".into()]);
+        let bad = sql.find("'bad'").expect("the options entry");
+        assert!(sql[bad..].contains("'UTC'"), "{sql}");
+        assert!(
+            sql.ends_with("SELECT pg_catalog.current_setting('TimeZone')"),
+            "{sql}"
+        );
+        assert_ne!(
+            both.status_key(),
+            startup(&[("TimeZone", "UTC")]).status_key()
+        );
     }
 }

@@ -128,6 +128,27 @@ pub fn error_response(out: &mut BytesMut, severity: Severity, code: &str, text: 
     });
 }
 
+/// A server's ErrorResponse (its body) passed on as FATAL, every other field as the server
+/// wrote it: an error that ends the client's connection, such as a startup setting the server
+/// refused.
+pub fn fatal_from(out: &mut BytesMut, body: &[u8]) {
+    message(out, b'E', |b| {
+        let mut rest = body;
+        while let Some((&kind, after)) = rest.split_first()
+            && kind != 0
+        {
+            let end = after.iter().position(|&c| c == 0).unwrap_or(after.len());
+            b.put_u8(kind);
+            match kind {
+                b'S' | b'V' => cstr(b, Severity::Fatal.as_str().as_bytes()),
+                _ => cstr(b, &after[..end]),
+            }
+            rest = after.get(end + 1..).unwrap_or_default();
+        }
+        b.put_u8(0);
+    });
+}
+
 // Frontend messages the proxy sends to servers on its own behalf.
 
 /// A simple Query.
@@ -172,5 +193,17 @@ mod tests {
         out.clear();
         command_complete(&mut out, "SET");
         assert_eq!(&out[..], b"C\0\0\0\x08SET\0");
+    }
+
+    #[test]
+    fn a_server_error_passes_on_as_fatal() {
+        let mut out = BytesMut::new();
+        fatal_from(&mut out, b"SERROR\0VERROR\0C22023\0Mbad\0Dwhy\0\0");
+        assert_eq!(&out[5..], b"SFATAL\0VFATAL\0C22023\0Mbad\0Dwhy\0\0");
+        assert_eq!(out.len(), 5 + out[5..].len());
+        // A body cut short still makes a well-formed message.
+        out.clear();
+        fatal_from(&mut out, b"SERROR\0C2");
+        assert_eq!(&out[5..], b"SFATAL\0C2\0\0");
     }
 }

@@ -217,6 +217,28 @@ pub fn error_fields(body: &[u8]) -> Result<ErrorFields, Error> {
     }
 }
 
+/// A DataRow's columns as text (None for NULL), for rows the proxy asks for itself.
+pub fn data_row_text(body: &[u8]) -> Result<Vec<Option<String>>, Error> {
+    let bad = || Error::Malformed("DataRow");
+    let count = body.get(..2).ok_or_else(bad)?;
+    let count = i16::from_be_bytes([count[0], count[1]]);
+    let mut rest = &body[2..];
+    let mut columns = Vec::with_capacity(usize::try_from(count).map_err(|_| bad())?);
+    for _ in 0..count {
+        let (len, after) = rest.split_at_checked(4).ok_or_else(bad)?;
+        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+        rest = after;
+        if len < 0 {
+            columns.push(None);
+            continue;
+        }
+        let (value, after) = rest.split_at_checked(len as usize).ok_or_else(bad)?;
+        columns.push(Some(String::from_utf8_lossy(value).into_owned()));
+        rest = after;
+    }
+    Ok(columns)
+}
+
 /// ParameterStatus: name and value.
 pub fn parameter_status(body: &[u8]) -> Result<(String, String), Error> {
     let (name, rest) = cstr(body, "ParameterStatus")?;
@@ -349,6 +371,17 @@ mod tests {
         let mut bad = 196_608i32.to_be_bytes().to_vec();
         bad.extend_from_slice(b"user\0app");
         assert!(startup(&bad).is_err());
+    }
+
+    #[test]
+    fn data_rows_read_as_text() {
+        let row = b"\0\x02\0\0\0\x03UTC\xff\xff\xff\xff";
+        assert_eq!(
+            data_row_text(row).expect("row"),
+            vec![Some("UTC".to_string()), None]
+        );
+        assert!(data_row_text(b"\0\x01\0\0\0\x09UTC").is_err());
+        assert!(data_row_text(b"\0").is_err());
     }
 
     #[test]
