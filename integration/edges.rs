@@ -522,3 +522,182 @@ async fn an_invalid_startup_setting_is_refused_as_postgres_refuses_it() {
     assert_proxy_works(&proxy).await;
     proxy.shutdown().await;
 }
+
+/// What the session tests read back: the settings they change, and a value they shape.
+const SHOW: &str = "SELECT current_setting('TimeZone'), current_setting('application_name'), \
+                    current_setting('DateStyle'), current_setting('IntervalStyle'), \
+                    '2024-03-01 12:00+00'::timestamptz::text";
+
+/// Startup settings both ways: `options` entries and plain parameters.
+const STARTUP: [(&str, &str); 2] = [
+    (
+        "options",
+        "-c TimeZone=Asia/Tokyo -c application_name=edges -c IntervalStyle=iso_8601",
+    ),
+    ("DateStyle", "sql, dmy"),
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn startup_settings_and_reset_follow_the_client_across_pooled_connections() {
+    let proxy = Proxy::start(|c| c.pool.size = 2).await;
+    let (mut direct, _) = login_with(direct_port(), &STARTUP).await.expect("login");
+    let (mut client, _) = login_with(proxy.port, &STARTUP).await.expect("login");
+    let other = proxy.connect().await;
+    let show_pid = format!("{SHOW}, pg_backend_pid()");
+    let row = |msgs: &[raw::Msg]| {
+        let cols = msgs.iter().find_map(raw::Msg::text).expect("a row");
+        let (values, pid) = cols.rsplit_once('|').expect("pid column");
+        (values.to_string(), pid.to_string())
+    };
+    for step in [
+        "SET TimeZone = 'UTC'; SET IntervalStyle = 'postgres'",
+        "RESET TimeZone",
+        "RESET ALL",
+    ] {
+        let at_postgres = run(&mut direct, &raw::query(step)).await;
+        let here = run(&mut client, &raw::query(step)).await;
+        assert_eq!(transcript(&here), transcript(&at_postgres), "{step}");
+        let (values, pid) = row(&run(&mut client, &raw::query(&show_pid)).await);
+        // Another client takes that connection (the most recently returned) for a
+        // transaction: this client's next statement runs on the other one.
+        other.batch_execute("BEGIN").await.expect("begin");
+        let taken: i32 = other
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .expect("pid")
+            .get(0);
+        assert_eq!(taken.to_string(), pid, "{step}: the other client took it");
+        let (moved, moved_pid) = row(&run(&mut client, &raw::query(&show_pid)).await);
+        other.batch_execute("COMMIT").await.expect("commit");
+        assert_ne!(moved_pid, pid, "{step}");
+        let expected = row(&run(&mut direct, &raw::query(&show_pid)).await).0;
+        assert_eq!(values, expected, "after {step}");
+        assert_eq!(moved, expected, "after {step}, moved");
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reset_returns_to_the_startup_values_as_on_postgres() {
+    // One server connection, shared with another client between steps: every step that
+    // follows one of its runs on a connection set up by the other client's session first.
+    let proxy = Proxy::start(|c| c.pool.size = 1).await;
+    let (mut direct, _) = login_with(direct_port(), &STARTUP).await.expect("login");
+    let (mut client, _) = login_with(proxy.port, &STARTUP).await.expect("login");
+    let other = proxy.connect().await;
+    let asyncpg_reset = "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;";
+    let steps: Vec<Vec<u8>> = [
+        "SET TimeZone = 'Europe/Paris'; SET application_name = 'changed'",
+        SHOW,
+        "RESET TimeZone",
+        SHOW,
+        "SET DateStyle = 'German'",
+        "RESET ALL",
+        SHOW,
+        // In a transaction.
+        "BEGIN",
+        "SET TimeZone = 'UTC'",
+        "RESET TimeZone",
+        SHOW,
+        "SET DateStyle = 'German'; SET application_name = 'in a transaction'",
+        "RESET ALL",
+        SHOW,
+        "COMMIT",
+        SHOW,
+        // A SET rolled back, and a RESET rolled back.
+        "BEGIN; SET TimeZone = 'UTC'",
+        "ROLLBACK",
+        SHOW,
+        "SET TimeZone = 'UTC'",
+        "BEGIN",
+        "RESET TimeZone",
+        "ROLLBACK",
+        SHOW,
+        // RESET by other names, and as a pool's reset query (a multi-statement text).
+        "SET TIME ZONE DEFAULT",
+        SHOW,
+        "SET application_name = 'x'; SET TimeZone = 'UTC'",
+        "SET application_name TO DEFAULT -- a comment",
+        SHOW,
+        asyncpg_reset,
+        SHOW,
+        "SET TimeZone = 'UTC'; SET application_name = 'y'",
+        "DISCARD ALL",
+        SHOW,
+        // A RESET that fails with its text resets nothing.
+        "SET TimeZone = 'UTC'",
+        "RESET TimeZone; SELECT 1/0",
+        SHOW,
+    ]
+    .iter()
+    .map(|sql| raw::query(sql))
+    .chain([
+        // The extended protocol, in and out of a transaction.
+        raw::extended("SET TimeZone = 'UTC'"),
+        raw::extended("RESET TimeZone"),
+        raw::extended(SHOW),
+        raw::query("BEGIN"),
+        raw::extended("SET IntervalStyle = 'postgres'"),
+        raw::extended("RESET ALL"),
+        raw::extended(SHOW),
+        raw::query("COMMIT"),
+        raw::extended(SHOW),
+        raw::extended("SET TimeZone = 'UTC'"),
+        [
+            raw::parse("", "RESET TimeZone"),
+            raw::bind("", "", &[]),
+            raw::execute("", 0),
+            raw::parse("", "SELECT 1/0"),
+            raw::bind("", "", &[]),
+            raw::execute("", 0),
+            raw::sync(),
+        ]
+        .concat(),
+        raw::extended(SHOW),
+    ])
+    .collect();
+    let mut idle = true;
+    for (n, step) in steps.iter().enumerate() {
+        if idle {
+            other.simple_query("SELECT 1").await.expect("other client");
+        }
+        let at_postgres = run(&mut direct, step).await;
+        let here = run(&mut client, step).await;
+        let what = String::from_utf8_lossy(&step[5..]).into_owned();
+        assert_eq!(
+            transcript(&here),
+            transcript(&at_postgres),
+            "step {n}: {what:?}"
+        );
+        idle = here.last().is_some_and(|z| z.body == b"I");
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reset_all_leaves_the_role_as_on_postgres() {
+    let role = common::unique("edges_role");
+    common::connect_superuser(0)
+        .await
+        .batch_execute(&format!("CREATE ROLE {role} NOLOGIN; GRANT {role} TO app"))
+        .await
+        .expect("role");
+    let proxy = Proxy::start(|c| c.pool.size = 1).await;
+    let (mut direct, _) = login_with(direct_port(), &STARTUP).await.expect("login");
+    let (mut client, _) = login_with(proxy.port, &STARTUP).await.expect("login");
+    let other = proxy.connect().await;
+    let show = "SELECT current_user, current_setting('TimeZone')";
+    for step in [
+        format!("SET ROLE {role}; SET TimeZone = 'UTC'"),
+        "RESET ALL".to_string(),
+        show.to_string(),
+        "DISCARD ALL".to_string(),
+        show.to_string(),
+    ] {
+        other.simple_query("SELECT 1").await.expect("other client");
+        let at_postgres = run(&mut direct, &raw::query(&step)).await;
+        let here = run(&mut client, &raw::query(&step)).await;
+        assert_eq!(transcript(&here), transcript(&at_postgres), "{step}");
+    }
+    proxy.shutdown().await;
+}

@@ -50,6 +50,7 @@ use crate::server::{Shared, Statement};
 mod copy_in;
 mod gather;
 mod local;
+mod reset;
 mod syntax;
 mod two_phase;
 
@@ -106,12 +107,18 @@ enum Kind {
     },
     Close,
     Sync,
-    /// A simple Query or FunctionCall: its reply ends with ReadyForQuery.
+    /// A simple Query or FunctionCall: its reply ends with ReadyForQuery. `appended`: how many
+    /// statements of the proxy's end the client's text (the startup values of what it reset):
+    /// their CommandCompletes, the reply's last ones, are not the client's.
     Query {
         changes: Vec<Change>,
+        appended: usize,
     },
     /// The injected `SELECT pg_current_wal_insert_lsn()` after a write (read your writes).
     Lsn,
+    /// One of the messages that set back the startup values of the settings an Execute reset
+    /// (see [`Session::restore_after`]), answered by the message of this tag.
+    Restore(u8),
     /// A message that always fails (a Parse of text that is not SQL), sent where the proxy
     /// raised an error inside a batch: the server fails there too, so what ran before it in the
     /// transaction is rolled back (or the transaction block fails), as Postgres' own errors do.
@@ -172,6 +179,9 @@ struct Held {
     /// connection stays with this client until then. Set when such a batch is sent, cleared
     /// by a ReadyForQuery with nothing sent after it.
     unsynced: bool,
+    /// CommandCompletes of a Query with statements of the proxy's appended (`Kind::Query`'s
+    /// `appended`), held back until the next message shows whose they are.
+    withheld: Vec<Bytes>,
     /// Counts this connection's statements for least-busy replica balancing.
     _in_flight: Option<InFlight>,
 }
@@ -320,6 +330,11 @@ pub struct Session {
     parses_unnamed: bool,
     portal_changes: Vec<Change>,
     settings: Settings,
+    /// What the client was told at login of each setting the server reports (ParameterStatus):
+    /// its values at session start, which DISCARD ALL goes back to.
+    started: Vec<(String, String)>,
+    /// What the client was last told of each of them.
+    reported: Vec<(String, String)>,
     tx_changes: Vec<Change>,
     tx: Option<Tx>,
     status: TxStatus,
@@ -557,6 +572,8 @@ impl Session {
             parses_unnamed: false,
             portal_changes: Vec::new(),
             settings: login.settings,
+            reported: login.status.clone(),
+            started: login.status,
             tx_changes: Vec::new(),
             tx: None,
             status: TxStatus::Idle,
@@ -702,6 +719,8 @@ impl Session {
                 return relayed;
             };
             let rows = match kind {
+                // A session command's reply: the proxy may hold back or add messages.
+                Kind::Query { changes, .. } if !changes.is_empty() => return relayed,
                 Kind::Query { .. } => Some(true),
                 Kind::Execute { .. } => Some(false),
                 _ => None,
@@ -983,6 +1002,7 @@ impl Session {
                     frame.bytes().clone(),
                     Kind::Query {
                         changes: Vec::new(),
+                        appended: 0,
                     },
                 )
                 .await
@@ -1138,7 +1158,7 @@ impl Session {
                 let held = &mut self.conns[i];
                 if effects.drops_prepared {
                     held.conn.prepared.clear();
-                    if effects.changes.contains(&Change::ResetAll) {
+                    if effects.changes.contains(&Change::DiscardAll) {
                         // DISCARD ALL drops the client's statements too, as on Postgres.
                         self.statements.clear();
                         self.unnamed = None;
@@ -1147,14 +1167,21 @@ impl Session {
                 let held = &mut self.conns[i];
                 held.unnamed_ready = false;
                 held.wrote |= plan.writes;
+                let (message, appended) = self.with_restore(frame, text, &effects.changes);
+                let discards = effects.changes.contains(&Change::DiscardAll);
                 self.send(
                     i,
-                    frame.into_bytes(),
+                    message,
                     Kind::Query {
                         changes: effects.changes,
+                        appended,
                     },
                 )
-                .await
+                .await?;
+                if discards && self.tx.is_none() && lex::statements(&sql).len() == 1 {
+                    self.restore_after_discard(i);
+                }
+                Ok(())
             }
             _ if plan.copy.as_ref().is_some_and(|c| !c.to) => {
                 let spec = plan.copy.clone().expect("invariant: matched");
@@ -1193,6 +1220,7 @@ impl Session {
                     }
                     Ok(vec![Kind::Query {
                         changes: Vec::new(),
+                        appended: 0,
                     }])
                 }))
                 .await
@@ -1349,6 +1377,7 @@ impl Session {
                             frame.into_bytes(),
                             Kind::Query {
                                 changes: Vec::new(),
+                                appended: 0,
                             },
                         )
                         .await
@@ -1369,6 +1398,7 @@ impl Session {
                             wire.extend_from_slice(&msg);
                             Ok(vec![Kind::Query {
                                 changes: Vec::new(),
+                                appended: 0,
                             }])
                         })
                         .await
@@ -1404,6 +1434,7 @@ impl Session {
                     wire.extend_from_slice(&bytes);
                     Ok(vec![Kind::Query {
                         changes: Vec::new(),
+                        appended: 0,
                     }])
                 })
                 .await
@@ -1430,6 +1461,7 @@ impl Session {
                     frame.into_bytes(),
                     Kind::Query {
                         changes: Vec::new(),
+                        appended: 0,
                     },
                 )
                 .await
@@ -1805,6 +1837,7 @@ impl Session {
                 held.expect.push_back(Expect::Reply {
                     kind: Kind::Query {
                         changes: Vec::new(),
+                        appended: 0,
                     },
                     forward: false,
                 });
@@ -1813,6 +1846,7 @@ impl Session {
                     held.expect.push_back(Expect::Reply {
                         kind: Kind::Query {
                             changes: Vec::new(),
+                            appended: 0,
                         },
                         forward: false,
                     });
@@ -1862,6 +1896,7 @@ impl Session {
             expect.push_back(Expect::Reply {
                 kind: Kind::Query {
                     changes: Vec::new(),
+                    appended: 0,
                 },
                 forward: false,
             });
@@ -1871,6 +1906,7 @@ impl Session {
             expect.push_back(Expect::Reply {
                 kind: Kind::Query {
                     changes: Vec::new(),
+                    appended: 0,
                 },
                 forward: false,
             });
@@ -1879,6 +1915,7 @@ impl Session {
                 expect.push_back(Expect::Reply {
                     kind: Kind::Query {
                         changes: Vec::new(),
+                        appended: 0,
                     },
                     forward: false,
                 });
@@ -1901,6 +1938,7 @@ impl Session {
             failing: false,
             rolled_back: false,
             unsynced: false,
+            withheld: Vec::new(),
             // Only replicas count reads in flight (for least-busy balancing).
             _in_flight: (key.server > 0)
                 .then(|| self.shared.health.shard(key.shard).replicas[key.server - 1].enter()),
@@ -2661,10 +2699,18 @@ impl Session {
                 } else {
                     Vec::new()
                 };
+                let restore = if changes.is_empty() {
+                    None
+                } else {
+                    self.settings.restore_select(&changes)
+                };
                 wire.extend_from_slice(msg);
                 self.conns[i]
                     .expect
                     .push_back(reply(Kind::Execute { changes }));
+                if let Some(sql) = restore {
+                    self.restore_after(i, &sql, wire);
+                }
             }
             tag::CLOSE => {
                 let (kind, name) = decode::target(&msg[5..], "Close")?;
@@ -2809,7 +2855,11 @@ impl Session {
             Some(Expect::Synthetic(_)) => unreachable!("pop_synthetic leaves a reply at the head"),
             None => {
                 return match t {
-                    tag::NOTICE_RESPONSE | tag::NOTIFICATION | tag::PARAMETER_STATUS => {
+                    tag::PARAMETER_STATUS => {
+                        self.relay_status(i, &frame);
+                        Ok(())
+                    }
+                    tag::NOTICE_RESPONSE | tag::NOTIFICATION => {
                         self.out.extend_from_slice(frame.bytes());
                         Ok(())
                     }
@@ -2835,6 +2885,9 @@ impl Session {
                 };
                 self.completed(i, kind, t, forward);
             }
+            return Ok(());
+        }
+        if forward && self.withhold(i, t, &frame) {
             return Ok(());
         }
         let held = &mut self.conns[i];
@@ -2901,7 +2954,14 @@ impl Session {
         // Replies to injected requests are dropped, but a notification is for the client
         // whatever request it arrived during.
         if (forward || t == tag::NOTIFICATION) && self.merge_allows(i, t, &frame) {
-            self.out.extend_from_slice(frame.bytes());
+            match t {
+                tag::PARAMETER_STATUS => self.relay_status(i, &frame),
+                tag::READY_FOR_QUERY => {
+                    self.report_discarded(i);
+                    self.out.extend_from_slice(frame.bytes());
+                }
+                _ => self.out.extend_from_slice(frame.bytes()),
+            }
         }
         if ends == Ends::Yes {
             let Some(Expect::Reply { kind, forward }) = self.conns[i].expect.pop_front() else {
@@ -2934,7 +2994,7 @@ impl Session {
                 self.tx_changes.extend(changes);
                 self.dropped_prepared(i);
             }
-            Kind::Query { changes } => {
+            Kind::Query { changes, .. } => {
                 if !changes.is_empty() && !self.conns[i].query_failed {
                     self.tx_changes.extend(changes);
                 }
@@ -3415,6 +3475,8 @@ fn ends_reply(kind: &Kind, t: u8) -> Ends {
             DATA_ROW | COPY_IN_RESPONSE | COPY_OUT_RESPONSE | COPY_BOTH_RESPONSE | b'd' | b'c',
         ) => Ends::No,
         (Kind::Sync | Kind::Query { .. } | Kind::Lsn, READY_FOR_QUERY) => Ends::Yes,
+        (Kind::Restore(COMMAND_COMPLETE), DATA_ROW) => Ends::No,
+        (Kind::Restore(reply), t) if *reply == t => Ends::Yes,
         // A simple Query (or FunctionCall) reply holds anything up to its ReadyForQuery.
         (Kind::Query { .. } | Kind::Lsn, _) => Ends::No,
         _ => Ends::Mismatch,

@@ -1,7 +1,7 @@
 //! Session settings (SET, RESET, startup parameters) tracked per client so they survive
 //! transaction pooling: replayed on whichever server connection the client gets next.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
 
 use crate::router::lex::{self, Tokens};
@@ -10,12 +10,14 @@ use crate::router::lex::{self, Tokens};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// `name` is set; `sql` is the statement that sets it, replayed verbatim.
-    Set {
-        name: String,
-        sql: String,
-    },
+    Set { name: String, sql: String },
+    /// `RESET name` or `SET name TO DEFAULT`: back to the value the session started with.
     Reset(String),
+    /// `RESET ALL`: every setting back to its session-start value, but the role and the
+    /// session user, which it leaves alone.
     ResetAll,
+    /// `DISCARD ALL`: the session user and role reset too, then `RESET ALL`.
+    DiscardAll,
 }
 
 /// What a statement does to session state, beyond settings.
@@ -57,7 +59,7 @@ pub fn effects(sql: &str) -> Effects {
             Some("discard") => {
                 let what = tokens.next().map(str::to_ascii_lowercase);
                 if matches!(what.as_deref(), Some("all")) {
-                    out.changes.push(Change::ResetAll);
+                    out.changes.push(Change::DiscardAll);
                 }
                 if matches!(what.as_deref(), Some("all" | "plans")) {
                     out.drops_prepared = true;
@@ -106,7 +108,14 @@ fn set_change(stmt: &str, mut tokens: Tokens<'_>) -> Option<Change> {
     match word.as_str() {
         // Transaction-scoped: gone at commit, nothing to replay.
         "local" | "transaction" | "constraints" => None,
-        "time" => Some(set("timezone", sql)),
+        "time" => {
+            // SET TIME ZONE LOCAL and SET TIME ZONE DEFAULT are RESET TimeZone.
+            let value = tokens.nth(1).map(str::to_ascii_lowercase);
+            Some(match (value.as_deref(), tokens.next()) {
+                (Some("local" | "default"), None) => Change::Reset("timezone".into()),
+                _ => set("timezone", sql),
+            })
+        }
         "role" => Some(set("role", sql)),
         _ => {
             let mut name = unquote(&word);
@@ -117,6 +126,11 @@ fn set_change(stmt: &str, mut tokens: Tokens<'_>) -> Option<Change> {
                     break;
                 }
                 name.push_str(&unquote(&lower));
+            }
+            // SET name TO DEFAULT is RESET name (an unquoted DEFAULT only: 'default' is a value).
+            let value = tokens.next();
+            if value.is_some_and(|v| v.eq_ignore_ascii_case("default")) && tokens.next().is_none() {
+                return Some(Change::Reset(name));
             }
             Some(set(&name, sql))
         }
@@ -170,6 +184,10 @@ fn ident(name: &str) -> String {
 /// What brings a server connection back to its defaults.
 const RESET: &str = "SET SESSION AUTHORIZATION DEFAULT\n;RESET ALL";
 
+/// Settings `RESET ALL` leaves alone (Postgres' `GUC_NO_RESET_ALL`): `DISCARD ALL` resets them,
+/// as `SET SESSION AUTHORIZATION DEFAULT` does first.
+const NOT_RESET_BY_ALL: [&str; 2] = ["role", "session_authorization"];
+
 /// Printable ASCII, which Postgres takes as it is where it cleans a value (`application_name`).
 fn is_plain(value: &str) -> bool {
     value.bytes().all(|b| (b' '..=b'~').contains(&b))
@@ -193,6 +211,10 @@ impl Startup {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settings {
     by_name: BTreeMap<String, String>,
+    /// The settings of the startup packet and its `options`, by lower-case name: the values
+    /// `RESET` goes back to. A server connection's own are its defaults, so these are set again
+    /// after a client's RESET there.
+    startup: BTreeMap<String, Startup>,
     /// Every startup setting in the order Postgres applies them, those a later one overrides
     /// too: each must be valid for the login to be.
     applied: Vec<Startup>,
@@ -224,6 +246,9 @@ impl Settings {
             settings
                 .by_name
                 .insert(startup.name.to_ascii_lowercase(), startup.sql());
+            settings
+                .startup
+                .insert(startup.name.to_ascii_lowercase(), startup.clone());
             settings.applied.push(startup);
         }
         settings.refingerprint();
@@ -240,13 +265,33 @@ impl Settings {
                 Change::Set { name, sql } => {
                     self.by_name.insert(name.clone(), sql.clone());
                 }
-                Change::Reset(name) => {
-                    self.by_name.remove(name);
+                Change::Reset(name) => match self.startup.get(name) {
+                    Some(startup) => {
+                        self.by_name.insert(name.clone(), startup.sql());
+                    }
+                    None => {
+                        self.by_name.remove(name);
+                    }
+                },
+                Change::ResetAll => {
+                    let kept: Vec<(String, String)> = NOT_RESET_BY_ALL
+                        .iter()
+                        .filter_map(|n| self.by_name.remove_entry(*n))
+                        .collect();
+                    self.by_name = self.startup_sql();
+                    self.by_name.extend(kept);
                 }
-                Change::ResetAll => self.by_name.clear(),
+                Change::DiscardAll => self.by_name = self.startup_sql(),
             }
         }
         self.refingerprint();
+    }
+
+    fn startup_sql(&self) -> BTreeMap<String, String> {
+        self.startup
+            .iter()
+            .map(|(name, s)| (name.clone(), s.sql()))
+            .collect()
     }
 
     fn refingerprint(&mut self) {
@@ -316,11 +361,68 @@ impl Settings {
     /// The startup `application_name`, if Postgres reports it as sent: printable ASCII (it
     /// replaces any other byte).
     pub fn plain_application_name(&self) -> Option<&str> {
-        let startup = self
-            .applied
-            .iter()
-            .rfind(|s| s.name.eq_ignore_ascii_case("application_name"))?;
-        is_plain(&startup.value).then_some(startup.value.as_str())
+        let value = &self.startup.get("application_name")?.value;
+        is_plain(value).then_some(value.as_str())
+    }
+
+    /// The startup settings `changes` leave reset (their last change a RESET, `RESET ALL` or
+    /// `DISCARD ALL`). A server connection resets them to its own defaults, not to this
+    /// client's startup values: those have to be set again after.
+    fn restored(&self, changes: &[Change]) -> Vec<&Startup> {
+        if self.startup.is_empty() {
+            return Vec::new();
+        }
+        let mut reset = BTreeSet::new();
+        for change in changes {
+            match change {
+                Change::Set { name, .. } => {
+                    reset.remove(name.as_str());
+                }
+                Change::Reset(name) => {
+                    if self.startup.contains_key(name) {
+                        reset.insert(name.as_str());
+                    }
+                }
+                Change::ResetAll => reset.extend(
+                    self.startup
+                        .keys()
+                        .map(String::as_str)
+                        .filter(|n| !NOT_RESET_BY_ALL.contains(n)),
+                ),
+                Change::DiscardAll => reset.extend(self.startup.keys().map(String::as_str)),
+            }
+        }
+        reset.iter().map(|name| &self.startup[*name]).collect()
+    }
+
+    /// The statements (`SET`, one per setting) that set back the startup values of what
+    /// `changes` reset, if any.
+    pub fn restore_statements(&self, changes: &[Change]) -> Vec<String> {
+        self.restored(changes).iter().map(|s| s.sql()).collect()
+    }
+
+    /// Whether `name` (as ParameterStatus spells it) is a setting the client started with.
+    pub fn is_startup(&self, name: &str) -> bool {
+        self.startup.contains_key(&name.to_ascii_lowercase())
+    }
+
+    /// As [`Settings::restore_statements`], as one statement, for the extended protocol (whose Parse
+    /// takes one): a `SELECT` of `set_config` calls, which set as `SET` does.
+    pub fn restore_select(&self, changes: &[Change]) -> Option<String> {
+        let restored = self.restored(changes);
+        (!restored.is_empty()).then(|| {
+            let calls: Vec<String> = restored
+                .iter()
+                .map(|s| {
+                    format!(
+                        "pg_catalog.set_config({}, {}, false)",
+                        literal(&s.name),
+                        literal(&s.value)
+                    )
+                })
+                .collect();
+            format!("SELECT {}", calls.join(", "))
+        })
     }
 }
 
@@ -445,6 +547,24 @@ mod tests {
         assert!(changes("SET LOCAL work_mem = '1MB'").is_empty());
         assert!(changes("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE").is_empty());
         assert_eq!(changes("RESET ALL"), vec![Change::ResetAll]);
+        assert_eq!(changes("discard all"), vec![Change::DiscardAll]);
+        // SET ... TO DEFAULT is a RESET; a quoted 'default' is a value.
+        for reset in [
+            "SET TimeZone TO DEFAULT",
+            "set session timezone = default",
+            "SET TIME ZONE LOCAL",
+            "SET TIME ZONE DEFAULT",
+        ] {
+            assert_eq!(
+                changes(reset),
+                vec![Change::Reset("timezone".into())],
+                "{reset}"
+            );
+        }
+        assert!(matches!(
+            changes("SET application_name TO 'default'")[0],
+            Change::Set { .. }
+        ));
         assert_eq!(
             changes("reset search_path"),
             vec![Change::Reset("search_path".into())]
@@ -515,6 +635,61 @@ mod tests {
         assert!(sql.contains("SET \"TimeZone\" TO 'UTC'"), "{sql}");
         assert!(!sql.contains("Asia/Tokyo"), "{sql}");
         assert!(sql.contains("SET \"datestyle\" TO 'ISO'"), "{sql}");
+    }
+
+    #[test]
+    fn reset_goes_back_to_the_startup_value() {
+        let mut s = startup(&[("TimeZone", "Asia/Tokyo"), ("application_name", "app")]);
+        let at_start = s.clone();
+        s.apply(&changes("SET TimeZone = 'UTC'"));
+        s.apply(&changes("RESET TimeZone"));
+        assert_eq!(s, at_start);
+        s.apply(&changes("SET TimeZone = 'UTC'; SET work_mem = '1MB'"));
+        s.apply(&changes("SET TIME ZONE DEFAULT; RESET work_mem"));
+        assert_eq!(s, at_start);
+        s.apply(&changes("SET TimeZone = 'UTC'; SET work_mem = '1MB'"));
+        s.apply(&changes("RESET ALL"));
+        assert_eq!(s, at_start);
+        s.apply(&changes("SET application_name = 'x'"));
+        s.apply(&changes("DISCARD ALL"));
+        assert_eq!(s, at_start);
+        assert_ne!(s.fingerprint(), 0);
+    }
+
+    #[test]
+    fn reset_all_leaves_the_role() {
+        let mut s = Settings::default();
+        s.apply(&changes("SET ROLE reader; SET work_mem = '1MB'"));
+        s.apply(&changes("RESET ALL"));
+        assert_eq!(s.replay_sql(), format!("{RESET}\n;SET ROLE reader"));
+        s.apply(&changes("DISCARD ALL"));
+        assert_eq!(s.fingerprint(), 0);
+    }
+
+    #[test]
+    fn restore_sets_back_what_the_last_change_reset() {
+        let s = startup(&[("TimeZone", "Asia/Tokyo"), ("options", "-c role=reader")]);
+        let restore = |sql: &str| s.restore_statements(&changes(sql));
+        assert!(restore("RESET work_mem").is_empty());
+        assert_eq!(
+            restore("RESET TimeZone"),
+            vec!["SET \"TimeZone\" TO 'Asia/Tokyo'"]
+        );
+        // Set again after the reset: nothing to restore.
+        assert!(restore("RESET ALL; SET TimeZone = 'UTC'").is_empty());
+        // RESET ALL leaves the role; DISCARD ALL does not.
+        assert_eq!(restore("RESET ALL").len(), 1);
+        assert_eq!(restore("DISCARD ALL").len(), 2);
+        assert!(s.is_startup("TimeZone"));
+        assert_eq!(
+            s.restore_select(&changes("RESET ALL")).as_deref(),
+            Some("SELECT pg_catalog.set_config('TimeZone', 'Asia/Tokyo', false)")
+        );
+        assert!(
+            Settings::default()
+                .restore_statements(&changes("RESET ALL"))
+                .is_empty()
+        );
     }
 
     #[test]

@@ -51,6 +51,7 @@ impl Session {
                 wire.extend_from_slice(&statement);
                 Ok(vec![Kind::Query {
                     changes: Vec::new(),
+                    appended: 0,
                 }])
             })
             .await?

@@ -42,6 +42,7 @@ impl Session {
             held.expect.push_back(Expect::Reply {
                 kind: Kind::Query {
                     changes: Vec::new(),
+                    appended: 0,
                 },
                 forward: false,
             });
