@@ -2455,3 +2455,143 @@ async fn a_portal_after_the_transaction_aborted() {
         assert_eq!(exchange(sharded.port, &table, id).await, direct, "id {id}");
     }
 }
+
+/// Edges of the proxy's shortcuts, against Postgres: an extended BEGIN in a batch that also
+/// prepares another statement; DISCARD ALL through the extended protocol with a Parse
+/// pipelined behind it (the next client on that server connection unaffected); a merged
+/// statement (its text rewritten for the shards) prepared again after its table changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn shortcut_edges() {
+    let table = unique("shortcuts");
+    let (one, sharded) = pools_of_one_with_table(&table).await;
+    let primary = common::with_cluster(|c| c.shards()[0].primary.port);
+    let direct_table = unique("shortcuts");
+    let mut setup = raw::Raw::login(primary).await;
+    setup
+        .send(&raw::query(&format!(
+            "CREATE TABLE {direct_table} (id int)"
+        )))
+        .await;
+    setup.until_ready().await;
+    async fn exchange(port: u16, steps: &[Vec<u8>]) -> Vec<String> {
+        let mut c = raw::Raw::login(port).await;
+        let mut replies = Vec::new();
+        for step in steps {
+            c.send(step).await;
+            // One reply per Sync in the step.
+            let syncs = protocol_syncs(step);
+            for _ in 0..syncs {
+                let msgs = c.until_ready().await;
+                let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
+                let value = msgs.iter().find_map(raw::Msg::col0).unwrap_or_default();
+                let status = msgs.last().map_or('-', |z| char::from(z.body[0]));
+                replies.push(format!("{} {status} {code}{value}", raw::tags(&msgs)));
+            }
+        }
+        replies
+    }
+    fn protocol_syncs(step: &[u8]) -> usize {
+        let (mut at, mut n) = (0, 0);
+        while at + 5 <= step.len() {
+            let len = i32::from_be_bytes([step[at + 1], step[at + 2], step[at + 3], step[at + 4]]);
+            n += usize::from(step[at] == b'S' || step[at] == b'Q');
+            at += 1 + len as usize;
+        }
+        n
+    }
+    let run = |name: &str| [raw::bind("", name, &[]), raw::execute("", 0), raw::sync()].concat();
+    let steps = |table: &str| {
+        vec![
+            // BEGIN with another statement prepared in the same batch.
+            [
+                raw::parse("x", &format!("DELETE FROM {table}")),
+                raw::parse("", "BEGIN"),
+                raw::bind("", "", &[]),
+                raw::execute("", 0),
+                raw::sync(),
+            ]
+            .concat(),
+            raw::query(&format!("INSERT INTO {table} (id) VALUES (1)")),
+            raw::query("ROLLBACK"),
+            raw::query(&format!("SELECT count(*) FROM {table}")),
+            // DISCARD ALL with a Parse right behind it.
+            [
+                raw::parse("", "DISCARD ALL"),
+                raw::bind("", "", &[]),
+                raw::execute("", 0),
+                raw::sync(),
+                raw::parse("s1", "SELECT 1"),
+                run("s1"),
+            ]
+            .concat(),
+            run("s1"),
+            // A DEALLOCATE pipelined behind a statement that aborts the transaction.
+            raw::query("BEGIN"),
+            [
+                raw::extended("SELECT 1/0"),
+                raw::parse("", "DEALLOCATE s1"),
+                raw::bind("", "", &[]),
+                raw::execute("", 0),
+                raw::sync(),
+            ]
+            .concat(),
+            raw::query("ROLLBACK"),
+            run("s1"),
+        ]
+    };
+    let direct = exchange(primary, &steps(&direct_table)).await;
+    assert_eq!(
+        direct,
+        [
+            "112CZ T ",
+            "CZ T ",
+            "CZ I ",
+            "TDCZ I 0",
+            "12CZ I ",
+            "12DCZ I 1",
+            "2DCZ I 1",
+            "CZ T ",
+            "1EZ E 22012",
+            "EZ E 25P02",
+            "CZ I ",
+            "2DCZ I 1"
+        ]
+    );
+    for (proxy, what) in [(&one, "one shard"), (&sharded, "sharded")] {
+        assert_eq!(exchange(proxy.port, &steps(&table)).await, direct, "{what}");
+        // The next client on that server connection prepares the same text.
+        let next = exchange(
+            proxy.port,
+            &[[raw::parse("t1", "SELECT 1"), run("t1")].concat()],
+        )
+        .await;
+        assert_eq!(next, ["12DCZ I 1"], "{what}: the next client");
+    }
+    // A statement on every shard whose text the proxy rewrites (avg), prepared again after
+    // its table changed: a fresh plan, as on Postgres.
+    let merged = format!("SELECT avg(id) FROM {table}");
+    let mut c = raw::Raw::login(sharded.port).await;
+    c.send(&[raw::parse("m1", &merged), run("m1")].concat())
+        .await;
+    c.until_ready().await;
+    let mut admin = raw::Raw::login(sharded.port).await;
+    admin
+        .send(&raw::query(&format!(
+            "ALTER TABLE {table} ALTER COLUMN id TYPE bigint"
+        )))
+        .await;
+    let altered = admin.until_ready().await;
+    assert_eq!(raw::tags(&altered), "CZ", "{}", raw::explain(&altered));
+    c.send(&run("m1")).await;
+    let stale = c.until_ready().await;
+    c.send(&[raw::close(b'S', "m1"), raw::parse("m2", &merged), run("m2")].concat())
+        .await;
+    let fresh = c.until_ready().await;
+    assert_eq!(
+        raw::tags(&fresh),
+        "312DCZ",
+        "after {}: {}",
+        raw::explain(&stale),
+        raw::explain(&fresh)
+    );
+}

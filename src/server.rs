@@ -382,6 +382,12 @@ impl StatementRegistry {
         self.by_text.lock().remove(key);
     }
 
+    /// As [`StatementRegistry::retire`], for a statement known by its id only (one the proxy
+    /// rewrote for the shards): found by a scan, on this rare path.
+    pub fn retire_id(&self, id: u64) {
+        self.by_text.lock().retain(|_, s| s.id != id);
+    }
+
     pub fn len(&self) -> usize {
         self.by_text.lock().len()
     }

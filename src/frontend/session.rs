@@ -89,8 +89,8 @@ enum Kind {
         client: Option<Bytes>,
         before: Option<Arc<Unnamed>>,
     },
-    /// `stmt`: the registry id of the statement bound (0: the unnamed one, or one the proxy
-    /// rewrote), to retire it if the server finds its plan stale.
+    /// `stmt`: the registry id of the statement bound (0: the unnamed one), to retire it if the
+    /// server finds its plan stale.
     Bind {
         stmt: u64,
     },
@@ -122,8 +122,11 @@ enum Kind {
     /// A message that always fails (a Parse of text that is not SQL), sent where the proxy
     /// raised an error inside a batch: the server fails there too, so what ran before it in the
     /// transaction is rolled back (or the transaction block fails), as Postgres' own errors do.
-    /// Its error is dropped.
-    Fail,
+    /// Its error is dropped. `unnamed`: it stands for the client's Parse of the unnamed
+    /// statement, which the client then no longer has (unless the server skipped it).
+    Fail {
+        unnamed: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -310,6 +313,10 @@ struct Unnamed {
     analysis: Option<Arc<Analysis>>,
     types: Vec<u32>,
     changes: Vec<Change>,
+    /// DISCARD ALL or DEALLOCATE ALL (see `Effects::drops_all`).
+    drops_all: bool,
+    /// Answered by the proxy itself (a BEGIN, a DEALLOCATE), never sent to a server.
+    local: bool,
 }
 
 /// One client's session after login.
@@ -329,6 +336,8 @@ pub struct Session {
     /// as a Parse on Postgres drops it even when it fails.
     parses_unnamed: bool,
     portal_changes: Vec<Change>,
+    /// The unnamed portal runs DISCARD ALL or DEALLOCATE ALL (see `Effects::drops_all`).
+    portal_drops: bool,
     settings: Settings,
     /// What the client was told at login of each setting the server reports (ParameterStatus):
     /// its values at session start, which DISCARD ALL goes back to.
@@ -446,6 +455,28 @@ fn batch_sql(session: &Session, batch: &[Frame]) -> Option<String> {
         return Some(String::from_utf8_lossy(parse.query).into_owned());
     }
     bind_sql(session, batch, n)
+}
+
+/// Where the Bind is, if the batch is one statement run once: Parse (of the statement bound)
+/// if any, Bind, Describe if any, Execute, Sync.
+fn one_statement(batch: &[Frame]) -> Option<usize> {
+    let tags: Vec<u8> = batch.iter().map(Frame::tag).collect();
+    let at = match tags.as_slice() {
+        [tag::PARSE, tag::BIND, rest @ ..] => {
+            let parse = decode::parse(batch[0].body()).ok()?;
+            let bind = decode::bind(batch[1].body()).ok()?;
+            (parse.name == bind.statement).then_some(())?;
+            matches!(
+                rest,
+                [tag::EXECUTE, tag::SYNC] | [tag::DESCRIBE, tag::EXECUTE, tag::SYNC]
+            )
+            .then_some(1)?
+        }
+        [tag::BIND, tag::EXECUTE, tag::SYNC]
+        | [tag::BIND, tag::DESCRIBE, tag::EXECUTE, tag::SYNC] => 0,
+        _ => return None,
+    };
+    Some(at)
 }
 
 /// The SQL of the statement the Bind at `batch[n]` runs: parsed earlier in the batch, or one
@@ -571,6 +602,7 @@ impl Session {
             unnamed: None,
             parses_unnamed: false,
             portal_changes: Vec::new(),
+            portal_drops: false,
             settings: login.settings,
             reported: login.status.clone(),
             started: login.status,
@@ -775,12 +807,7 @@ impl Session {
                         | Kind::Bind { .. }
                         | Kind::Describe { .. }
                         | Kind::Close => true,
-                        // (DEALLOCATE ALL and DISCARD ALL drop statements: tracked.)
-                        Kind::Execute { changes } => {
-                            changes.is_empty()
-                                && !(held.last_tag.first() == Some(&b'D')
-                                    && held.last_tag.ends_with(b" ALL"))
-                        }
+                        Kind::Execute { changes } => changes.is_empty(),
                         _ => false,
                     };
                 if untracked {
@@ -1156,7 +1183,7 @@ impl Session {
                     Err(e) => return self.refuse_request(&e).await,
                 };
                 let held = &mut self.conns[i];
-                if effects.drops_prepared {
+                if effects.drops_all {
                     held.conn.prepared.clear();
                     if effects.changes.contains(&Change::DiscardAll) {
                         // DISCARD ALL drops the client's statements too, as on Postgres.
@@ -1722,7 +1749,7 @@ impl Session {
         for held in self.conns.iter_mut().filter(|h| h.unsynced) {
             let written = held.conn.writer.try_write(&wire);
             if written.is_ok_and(|n| n == wire.len()) {
-                for kind in [Kind::Fail, Kind::Sync] {
+                for kind in [Kind::Fail { unnamed: false }, Kind::Sync] {
                     held.expect.push_back(Expect::Reply {
                         kind,
                         forward: false,
@@ -2000,15 +2027,19 @@ impl Session {
             }
             return Box::pin(self.run_local_batch(batch)).await;
         }
-        if !self.tx_failed()
-            && let Some(sql) = self.deallocate_batch(&batch)
-            && let Some(reply) = self.deallocate(&sql)
-        {
-            // As a simple Query's DEALLOCATE of a statement prepared through the protocol (its
-            // Sync ends an implicit transaction a Flush left open, as on the server).
+        if let Some(sql) = self.deallocate_batch(&batch) {
+            // (After the replies pending: one may abort the transaction, or fail a batch ended
+            // by Flush, whose messages up to the Sync are then skipped.)
             self.settle().await?;
-            self.end_implicit_all().await?;
-            return self.answer_tx_batch(&batch, Ok(reply));
+            if !self.tx_failed()
+                && !self.skip_until_sync
+                && let Some(reply) = self.deallocate(&sql)
+            {
+                // As a simple Query's DEALLOCATE of a statement prepared through the protocol
+                // (its Sync ends an implicit transaction a Flush left open, as on the server).
+                self.end_implicit_all().await?;
+                return self.answer_tx_batch(&batch, Ok(reply));
+            }
         }
         // A lone Sync with nothing pending needs no server: answer it here. (Not one that ends
         // an implicit transaction a Flush left open: that server needs it.)
@@ -2113,8 +2144,12 @@ impl Session {
                 Some(TxCommand::Rollback | TxCommand::Savepoint | TxCommand::Commit)
             )
         };
-        // (An Execute of a portal bound before the abort has no plan: refused all the same.)
+        // (An Execute of a portal bound before the abort has no plan: refused all the same,
+        // after the replies pending, which may be what aborts it.)
         let runs_portal = plans.is_empty() && batch.iter().any(|f| f.tag() == tag::EXECUTE);
+        if runs_portal && self.tx.is_some() {
+            self.settle().await?;
+        }
         if self.tx_failed()
             && !self.shared.router.passthrough()
             && (runs_portal || !plans.iter().all(ends_tx))
@@ -2132,18 +2167,22 @@ impl Session {
                 .collect();
             if let TxCommand::Begin { read_only } = cmd
                 && self.tx.is_none()
-                && one_bind
-                && batch.last().map(Frame::tag) == Some(tag::SYNC)
-                && self
-                    .conns
-                    .iter()
-                    .all(|h| !h.unsynced && h.conn.status == TxStatus::Idle)
-                && let Some(sql) = batch_sql(self, &batch)
+                && let Some(at) = one_statement(&batch)
+                && let Some(sql) = bind_sql(self, &batch, at)
+                && {
+                    // (Replies pending may leave a transaction or a Flush's open.)
+                    self.settle().await?;
+                    self.tx.is_none()
+                        && !self.skip_until_sync
+                        && self
+                            .conns
+                            .iter()
+                            .all(|h| !h.unsynced && h.conn.status == TxStatus::Idle)
+                }
             {
                 // Answered here and deferred, as a simple-Query BEGIN is: the transaction
                 // begins on each shard when it first sends a statement there. (After a batch
                 // ended by Flush it goes to that connection instead, and takes that batch in.)
-                self.settle().await?;
                 let mut begin = BytesMut::new();
                 build::query(&mut begin, &sql);
                 self.tx = Some(Tx {
@@ -2246,14 +2285,8 @@ impl Session {
                 && let Some(i) = current
                 && !self.skip_until_sync
             {
-                self.queue_error(i, error, &mut wire);
-                if frame.tag() == tag::PARSE && frame.body().first() == Some(&0) {
-                    // A Parse of the unnamed statement that fails leaves none (see on_server_error).
-                    self.unnamed = None;
-                    for held in &mut self.conns {
-                        held.unnamed_ready = false;
-                    }
-                }
+                let unnamed = frame.tag() == tag::PARSE && frame.body().first() == Some(&0);
+                self.queue_error(i, error, unnamed, &mut wire);
             }
             if self.skip_until_sync && frame.tag() != tag::SYNC {
                 continue;
@@ -2582,6 +2615,7 @@ impl Session {
                 if parse.name.is_empty() {
                     let before = self.unnamed.clone();
                     if !known {
+                        let effects = super::settings::effects_of(parse.query);
                         // Other connections hold the old statement, if any.
                         for held in &mut self.conns {
                             held.unnamed_ready = false;
@@ -2591,7 +2625,9 @@ impl Session {
                             analysis: (!self.shared.router.passthrough())
                                 .then(|| self.shared.router.analyze(&decode::text(parse.query))),
                             types: crate::server::parse_param_types(parse.param_types),
-                            changes: super::settings::effects_of(parse.query).changes,
+                            changes: effects.changes,
+                            drops_all: effects.drops_all,
+                            local: false,
                         }));
                     }
                     self.parse_unnamed(i, msg, wire, before);
@@ -2638,8 +2674,10 @@ impl Session {
                     wire.extend_from_slice(msg);
                     if portal_unnamed {
                         self.portal_changes.clear();
+                        self.portal_drops = false;
                         if let Some(u) = &self.unnamed {
                             self.portal_changes.extend_from_slice(&u.changes);
+                            self.portal_drops = u.drops_all;
                         }
                     }
                 } else {
@@ -2654,6 +2692,7 @@ impl Session {
                     });
                     if portal_unnamed {
                         self.portal_changes = stmt.effects.changes.clone();
+                        self.portal_drops = stmt.effects.drops_all;
                     }
                     bound = stmt.id;
                 }
@@ -2699,6 +2738,9 @@ impl Session {
                 } else {
                     Vec::new()
                 };
+                if portal.is_empty() && std::mem::take(&mut self.portal_drops) {
+                    self.drops_all(i);
+                }
                 let restore = if changes.is_empty() {
                     None
                 } else {
@@ -2779,16 +2821,17 @@ impl Session {
     fn synthetic_error(&mut self, i: usize, code: &str, msg: &str, wire: &mut BytesMut) {
         let mut err = BytesMut::new();
         super::error(&mut err, code, msg);
-        self.queue_error(i, err.freeze(), wire);
+        self.queue_error(i, err.freeze(), false, wire);
     }
 
-    /// As [`Session::synthetic_error`], with the ErrorResponse made already.
-    fn queue_error(&mut self, i: usize, error: Bytes, wire: &mut BytesMut) {
+    /// As [`Session::synthetic_error`], with the ErrorResponse made already; `unnamed` as in
+    /// [`Kind::Fail`].
+    fn queue_error(&mut self, i: usize, error: Bytes, unnamed: bool, wire: &mut BytesMut) {
         let held = &mut self.conns[i];
         held.expect.push_back(Expect::Synthetic(error));
         fail(wire);
         held.expect.push_back(Expect::Reply {
-            kind: Kind::Fail,
+            kind: Kind::Fail { unnamed },
             forward: false,
         });
         self.skip_until_sync = true;
@@ -2990,9 +3033,8 @@ impl Session {
             return;
         }
         match kind {
-            Kind::Execute { changes } if t == tag::COMMAND_COMPLETE => {
-                self.tx_changes.extend(changes);
-                self.dropped_prepared(i);
+            Kind::Execute { changes } if t == tag::COMMAND_COMPLETE && !changes.is_empty() => {
+                self.tx_changes.extend(changes)
             }
             Kind::Query { changes, .. } => {
                 if !changes.is_empty() && !self.conns[i].query_failed {
@@ -3027,23 +3069,17 @@ impl Session {
         }));
     }
 
-    /// After a statement ran through Execute: `DEALLOCATE ALL` or `DISCARD ALL` (sent on to
-    /// the server in session pooling, where SQL-level statements live there too) dropped every
-    /// prepared statement on that server, the proxy's shared ones and the client's.
-    fn dropped_prepared(&mut self, i: usize) {
+    /// An Execute of `DEALLOCATE ALL` or `DISCARD ALL` goes to server `i` (DISCARD ALL always;
+    /// DEALLOCATE ALL in session pooling, where SQL-level statements live there too, or in a
+    /// larger pipeline): it drops every named prepared statement there, the proxy's shared ones
+    /// and the client's. Known when it is sent, so what is pipelined behind it is prepared
+    /// again. Should it fail, the server keeps statements the proxy no longer counts: the
+    /// connection is closed rather than handed on when the client is done with it.
+    fn drops_all(&mut self, i: usize) {
         let held = &mut self.conns[i];
-        let discard = held.last_tag == b"DISCARD ALL";
-        if !discard && held.last_tag != b"DEALLOCATE ALL" {
-            return;
-        }
         held.conn.prepared.clear();
+        held.conn.broken = true;
         self.statements.clear();
-        if discard {
-            self.unnamed = None;
-            for held in &mut self.conns {
-                held.unnamed_ready = false;
-            }
-        }
     }
 
     /// After a ReadyForQuery: settle settings, learn where a write ended, track the
@@ -3163,26 +3199,42 @@ impl Session {
             }
             return Ok(());
         }
-        if let Some(Expect::Reply {
-            kind: Kind::Bind { stmt },
-            ..
-        }) = held.expect.front()
-            && *stmt != 0
-        {
-            let stmt = *stmt;
-            self.stale_plan(stmt, frame.body());
+        // (A Describe of a statement revalidates its plan too.)
+        let bound = match held.expect.front() {
+            Some(Expect::Reply {
+                kind: Kind::Bind { stmt },
+                ..
+            }) => *stmt,
+            Some(Expect::Reply {
+                kind: Kind::Describe {
+                    stmt: Some(stmt), ..
+                },
+                ..
+            }) => stmt.id,
+            _ => 0,
+        };
+        if bound != 0 {
+            self.stale_plan(bound, frame.body());
         }
         self.unnamed_after_error(i);
         let held = &mut self.conns[i];
         // An injected Parse that fails still answers for the client's request that needed it;
         // a `Kind::Fail` failing as asked does not: the client has the proxy's error.
-        let asked = matches!(
-            held.expect.front(),
+        let asked = match held.expect.front() {
             Some(Expect::Reply {
-                kind: Kind::Fail,
+                kind: Kind::Fail { unnamed },
                 ..
-            })
-        );
+            }) => Some(*unnamed),
+            _ => None,
+        };
+        if asked == Some(true) {
+            self.unnamed = None;
+            for held in &mut self.conns {
+                held.unnamed_ready = false;
+            }
+        }
+        let asked = asked.is_some();
+        let held = &mut self.conns[i];
         if merge_ok && !asked {
             self.out.extend_from_slice(frame.bytes());
         }
@@ -3301,8 +3353,10 @@ impl Session {
         if fields.code != "0A000" || fields.routine != "RevalidateCachedQuery" {
             return;
         }
-        if let Some(stmt) = self.statements.values().find(|s| s.id == id) {
-            self.shared.statements.retire(stmt);
+        match self.statements.values().find(|s| s.id == id) {
+            Some(stmt) => self.shared.statements.retire(stmt),
+            // One the proxy rewrote for the shards (a merge, a split INSERT).
+            None => self.shared.statements.retire_id(id),
         }
     }
 

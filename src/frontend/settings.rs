@@ -24,8 +24,11 @@ pub enum Change {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Effects {
     pub changes: Vec<Change>,
-    /// DISCARD ALL / DEALLOCATE ALL / DISCARD PLANS: server-side prepared statements are gone.
+    /// DISCARD ALL / DEALLOCATE: server-side prepared statements may be gone.
     pub drops_prepared: bool,
+    /// DISCARD ALL / DEALLOCATE [PREPARE] ALL: every named prepared statement on the server is
+    /// gone, the proxy's shared ones too. (DISCARD PLANS keeps the statements.)
+    pub drops_all: bool,
 }
 
 impl Effects {
@@ -60,12 +63,18 @@ pub fn effects(sql: &str) -> Effects {
                 let what = tokens.next().map(str::to_ascii_lowercase);
                 if matches!(what.as_deref(), Some("all")) {
                     out.changes.push(Change::DiscardAll);
-                }
-                if matches!(what.as_deref(), Some("all" | "plans")) {
                     out.drops_prepared = true;
+                    out.drops_all = true;
                 }
             }
-            Some("deallocate") => out.drops_prepared = true,
+            Some("deallocate") => {
+                out.drops_prepared = true;
+                let mut what = tokens.next().map(str::to_ascii_lowercase);
+                if what.as_deref() == Some("prepare") {
+                    what = tokens.next().map(str::to_ascii_lowercase);
+                }
+                out.drops_all |= what.as_deref() == Some("all");
+            }
             _ => {}
         }
     }
@@ -573,6 +582,11 @@ mod tests {
         assert!(changes("select 'set a = 1'").is_empty());
         assert!(effects("DISCARD ALL").drops_prepared);
         assert!(effects("deallocate all").drops_prepared);
+        assert!(effects("DISCARD ALL").drops_all);
+        assert!(effects("deallocate prepare ALL").drops_all);
+        assert!(!effects("DEALLOCATE s1").drops_all);
+        // DISCARD PLANS keeps the statements (their plans are made again).
+        assert!(!effects("DISCARD PLANS").drops_prepared);
     }
 
     #[test]

@@ -526,7 +526,7 @@ impl Session {
                 b.put_i16(*f);
             }
         });
-        self.bind_sent(i, bind.portal, described, wire);
+        self.bind_sent(i, bind.portal, stmt.id, described, wire);
         Ok(())
     }
 
@@ -606,16 +606,23 @@ impl Session {
                 b.put_i16(*f);
             }
         });
-        self.bind_sent(i, bind.portal, described, wire);
+        self.bind_sent(i, bind.portal, stmt.id, described, wire);
         Ok(())
     }
 
     /// After a Bind the proxy rewrote: the portal's place, the reply to expect, and a Describe
     /// of the portal if the client sent none (the merger needs the columns).
-    fn bind_sent(&mut self, i: usize, portal: &[u8], described: bool, wire: &mut BytesMut) {
+    fn bind_sent(
+        &mut self,
+        i: usize,
+        portal: &[u8],
+        stmt: u64,
+        described: bool,
+        wire: &mut BytesMut,
+    ) {
         self.portals.insert(portal, self.conns[i].key);
         self.conns[i].expect.push_back(Expect::Reply {
-            kind: Kind::Bind { stmt: 0 },
+            kind: Kind::Bind { stmt },
             forward: true,
         });
         if !described {

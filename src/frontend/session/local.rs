@@ -38,8 +38,17 @@ pub(super) fn next_id_call(sql: &[u8]) -> Option<String> {
     }
 }
 
-fn deallocates(sql: &[u8]) -> bool {
-    lex::word_is(lex::lead_word(sql).0, b"deallocate")
+/// Whether a Parse (a whole message) is of a `DEALLOCATE`: a look at the start of its text
+/// only, past the statement's name.
+fn parse_deallocates(parse: &[u8]) -> bool {
+    let body = parse.get(5..).unwrap_or_default();
+    let Some(name_end) = memchr::memchr(0, body) else {
+        return false;
+    };
+    let text = lex::skip_space(&body[name_end + 1..]);
+    text.get(..10)
+        .is_some_and(|w| w.eq_ignore_ascii_case(b"deallocate"))
+        && !text.get(10).is_some_and(u8::is_ascii_alphanumeric)
 }
 
 pub(super) fn mentions_next_id(text: &[u8]) -> bool {
@@ -84,17 +93,15 @@ pub(super) fn next_id_row(out: &mut BytesMut, id: i64, format: i16) {
 
 impl Session {
     /// Whether the proxy might answer this Parse (a whole message) itself: its text mentions
-    /// `tessera_next_id`, or is a `DEALLOCATE`. The unnamed statement the session already sent to a server with the
-    /// same bytes is known not to be (drivers send it again and again), so it is not scanned.
+    /// `tessera_next_id`, or is a `DEALLOCATE`. The unnamed statement the session already sent
+    /// to a server with the same bytes is known not to be (drivers send it again and again), so
+    /// it is not scanned.
     pub(super) fn may_answer(&self, parse: &[u8]) -> bool {
         let known = self
             .unnamed
             .as_ref()
-            .is_some_and(|u| u.parse[..] == parse[..]);
-        !known
-            && (mentions_next_id(parse.get(5..).unwrap_or_default())
-                || decode::parse(parse.get(5..).unwrap_or_default())
-                    .is_ok_and(|p| deallocates(p.query)))
+            .is_some_and(|u| !u.local && u.parse[..] == parse[..]);
+        !known && (mentions_next_id(parse.get(5..).unwrap_or_default()) || parse_deallocates(parse))
     }
 
     /// A batch that is one `DEALLOCATE` (Parse, Bind, maybe Describe, Execute, Sync), and the
@@ -102,31 +109,13 @@ impl Session {
     /// proxy's names, so the proxy answers such a DEALLOCATE itself, as in a simple Query.
     pub(super) fn deallocate_batch(&self, batch: &[Frame]) -> Option<String> {
         let first = batch.first()?;
-        if first.tag() != tag::PARSE || batch.last()?.tag() != tag::SYNC {
-            return None;
-        }
         // Every batch with a Parse comes through here: one look at the leading word first.
-        let parse = decode::parse(first.body()).ok()?;
-        if !deallocates(parse.query) {
+        if first.tag() != tag::PARSE || !parse_deallocates(first.bytes()) {
             return None;
         }
-        let shape: Vec<u8> = batch.iter().map(Frame::tag).collect();
-        let one_statement = matches!(
-            shape.as_slice(),
-            [tag::PARSE, tag::BIND, tag::EXECUTE, tag::SYNC]
-                | [
-                    tag::PARSE,
-                    tag::BIND,
-                    tag::DESCRIBE,
-                    tag::EXECUTE,
-                    tag::SYNC
-                ]
-        );
-        let bound = batch
-            .get(1)
-            .and_then(|b| decode::bind(b.body()).ok())
-            .is_some_and(|b| b.statement == parse.name);
-        (one_statement && bound).then(|| String::from_utf8_lossy(parse.query).into_owned())
+        one_statement(batch)?;
+        let parse = decode::parse(first.body()).ok()?;
+        Some(String::from_utf8_lossy(parse.query).into_owned())
     }
 
     /// Whether the client has statements or portals the proxy answers itself.

@@ -31,9 +31,6 @@ impl Session {
         (fields.code == "42601" && !several).then_some(error)
     }
 
-    /// [`Session::syntax_error`] for the statement a Bind refused by the router uses, when it
-    /// was Parsed in the same batch: that Parse never reached a server, and on Postgres it is
-    /// the Parse that fails.
     /// A Bind the router cannot plan (`error`), at `n` in the batch: where Postgres would fail
     /// (the Parse earlier in the batch, for a syntax error) and the error to answer there
     /// (Postgres' own for a syntax error).
@@ -57,6 +54,9 @@ impl Session {
         (n, out.freeze())
     }
 
+    /// [`Session::syntax_error`] for the statement a Bind refused by the router uses, when it
+    /// was Parsed in the same batch: that Parse never reached a server, and on Postgres it is
+    /// the Parse that fails.
     pub(super) async fn bind_syntax_error(
         &mut self,
         bind: &Frame,

@@ -288,6 +288,8 @@ impl Session {
                 analysis: Some(self.shared.router.analyze(&sql)),
                 types: crate::server::parse_param_types(parse.param_types),
                 changes: crate::frontend::settings::effects(&sql).changes,
+                drops_all: false,
+                local: true,
             }));
             for held in &mut self.conns {
                 held.unnamed_ready = false;
