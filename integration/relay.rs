@@ -1065,6 +1065,19 @@ async fn ids_on_each_shard(proxy: &Proxy, table: &str) -> Vec<i32> {
     on_shard.into_values().collect()
 }
 
+/// A new `table (id int)` on the first shard's primary, for the same exchange directly.
+async fn direct_table(prefix: &str) -> String {
+    let table = unique(prefix);
+    let primary = common::with_cluster(|c| c.shards()[0].primary.port);
+    let mut setup = raw::Raw::login(primary).await;
+    setup
+        .send(&raw::query(&format!("CREATE TABLE {table} (id int)")))
+        .await;
+    let created = setup.until_ready().await;
+    assert_eq!(raw::tags(&created), "CZ", "{}", raw::explain(&created));
+    table
+}
+
 /// As `pools_of_one`, with `table (id int)` sharded by id and created on every shard.
 async fn pools_of_one_with_table(table: &str) -> (Proxy, Proxy) {
     let one = Proxy::start(|c| c.pool.size = 1).await;
@@ -1894,14 +1907,7 @@ async fn a_missing_statement_in_a_batch_answered_whole() {
     let table = unique("missing_whole");
     let (_, sharded) = pools_of_one_with_table(&table).await;
     let primary = common::with_cluster(|c| c.shards()[0].primary.port);
-    let direct_table = unique("missing_whole");
-    let mut setup = raw::Raw::login(primary).await;
-    setup
-        .send(&raw::query(&format!(
-            "CREATE TABLE {direct_table} (id int)"
-        )))
-        .await;
-    setup.until_ready().await;
+    let direct_table = direct_table("missing_whole").await;
     async fn exchange(port: u16, table: &str) -> Vec<String> {
         let mut c = raw::Raw::login(port).await;
         let steps = [
@@ -2197,14 +2203,7 @@ async fn an_unnamed_statement_learns_its_parameter_types() {
     let table = unique("unnamed_types");
     let (_, sharded) = pools_of_one_with_table(&table).await;
     let primary = common::with_cluster(|c| c.shards()[0].primary.port);
-    let direct_table = unique("unnamed_types");
-    let mut setup = raw::Raw::login(primary).await;
-    setup
-        .send(&raw::query(&format!(
-            "CREATE TABLE {direct_table} (id int)"
-        )))
-        .await;
-    setup.until_ready().await;
+    let direct_table = direct_table("unnamed_types").await;
     // Bind of the unnamed statement with one int4 parameter in binary.
     let binary_bind = |id: i32| {
         let mut body = vec![0u8, 0]; // portal "", statement ""
@@ -2332,14 +2331,7 @@ async fn an_unplannable_statement_mid_pipeline() {
     let table = unique("mid_pipeline");
     let (_, sharded) = pools_of_one_with_table(&table).await;
     let primary = common::with_cluster(|c| c.shards()[0].primary.port);
-    let direct_table = unique("mid_pipeline");
-    let mut setup = raw::Raw::login(primary).await;
-    setup
-        .send(&raw::query(&format!(
-            "CREATE TABLE {direct_table} (id int)"
-        )))
-        .await;
-    setup.until_ready().await;
+    let direct_table = direct_table("mid_pipeline").await;
     async fn exchange(port: u16, table: &str, bad: &str) -> Vec<String> {
         let mut c = raw::Raw::login(port).await;
         let statement = |sql: &str| {
@@ -2412,14 +2404,7 @@ async fn a_portal_after_the_transaction_aborted() {
     let (_, sharded) = pools_of_one_with_table(&table).await;
     let primary = common::with_cluster(|c| c.shards()[0].primary.port);
     let ids = ids_on_each_shard(&sharded, &table).await;
-    let direct_table = unique("portal_abort");
-    let mut setup = raw::Raw::login(primary).await;
-    setup
-        .send(&raw::query(&format!(
-            "CREATE TABLE {direct_table} (id int)"
-        )))
-        .await;
-    setup.until_ready().await;
+    let direct_table = direct_table("portal_abort").await;
     async fn exchange(port: u16, table: &str, id: i32) -> Vec<String> {
         let mut c = raw::Raw::login(port).await;
         let steps = [
@@ -2465,14 +2450,7 @@ async fn shortcut_edges() {
     let table = unique("shortcuts");
     let (one, sharded) = pools_of_one_with_table(&table).await;
     let primary = common::with_cluster(|c| c.shards()[0].primary.port);
-    let direct_table = unique("shortcuts");
-    let mut setup = raw::Raw::login(primary).await;
-    setup
-        .send(&raw::query(&format!(
-            "CREATE TABLE {direct_table} (id int)"
-        )))
-        .await;
-    setup.until_ready().await;
+    let direct_table = direct_table("shortcuts").await;
     async fn exchange(port: u16, steps: &[Vec<u8>]) -> Vec<String> {
         let mut c = raw::Raw::login(port).await;
         let mut replies = Vec::new();
