@@ -2515,6 +2515,26 @@ async fn shortcut_edges() {
             .concat(),
             raw::query("ROLLBACK"),
             run("s1"),
+            // DISCARD ALL in a named portal; then one that fails (in a transaction block).
+            [
+                raw::parse("", "DISCARD ALL"),
+                raw::bind("p1", "", &[]),
+                raw::execute("p1", 0),
+                raw::sync(),
+                raw::parse("s1", "SELECT 1"),
+                run("s1"),
+            ]
+            .concat(),
+            raw::query("BEGIN"),
+            [
+                raw::parse("", "DISCARD ALL"),
+                raw::bind("p1", "", &[]),
+                raw::execute("p1", 0),
+                raw::sync(),
+            ]
+            .concat(),
+            raw::query("ROLLBACK"),
+            run("s1"),
         ]
     };
     let direct = exchange(primary, &steps(&direct_table)).await;
@@ -2532,10 +2552,27 @@ async fn shortcut_edges() {
             "1EZ E 22012",
             "EZ E 25P02",
             "CZ I ",
+            "2DCZ I 1",
+            "12CZ I ",
+            "12DCZ I 1",
+            "CZ T ",
+            "12EZ E 25001",
+            "CZ I ",
             "2DCZ I 1"
         ]
     );
-    for (proxy, what) in [(&one, "one shard"), (&sharded, "sharded")] {
+    let session = Proxy::start_sharded(|c| {
+        c.pool.size = 1;
+        c.pool.mode = PoolMode::Session;
+        c.routing.replica_reads = false;
+        c.sharding.tables.insert(table.clone(), "id".into());
+    })
+    .await;
+    for (proxy, what) in [
+        (&one, "one shard"),
+        (&sharded, "sharded"),
+        (&session, "session pooling"),
+    ] {
         assert_eq!(exchange(proxy.port, &steps(&table)).await, direct, "{what}");
         // The next client on that server connection prepares the same text.
         let next = exchange(

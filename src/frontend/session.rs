@@ -102,8 +102,11 @@ enum Kind {
         /// A portal (not a statement) is described: in a merge, its columns are the merge's.
         portal: bool,
     },
+    /// `dropped`: it runs DISCARD ALL or DEALLOCATE ALL, accounted for when sent; what the
+    /// proxy counted before, restored should it fail or be skipped.
     Execute {
         changes: Vec<Change>,
+        dropped: Option<Box<Dropped>>,
     },
     Close,
     Sync,
@@ -304,6 +307,14 @@ struct LocalPortal {
     depth: usize,
 }
 
+/// What the proxy counted as prepared before a DISCARD ALL or DEALLOCATE ALL it sent: the
+/// server connection's statements, and the client's.
+#[derive(Debug)]
+struct Dropped {
+    prepared: rustc_hash::FxHashSet<u64>,
+    statements: FxHashMap<Bytes, Arc<Statement>>,
+}
+
 /// The client's unnamed prepared statement.
 #[derive(Debug, Clone)]
 struct Unnamed {
@@ -336,8 +347,8 @@ pub struct Session {
     /// as a Parse on Postgres drops it even when it fails.
     parses_unnamed: bool,
     portal_changes: Vec<Change>,
-    /// The unnamed portal runs DISCARD ALL or DEALLOCATE ALL (see `Effects::drops_all`).
-    portal_drops: bool,
+    /// Portals that run DISCARD ALL or DEALLOCATE ALL (see `Effects::drops_all`).
+    portal_drops: Vec<Bytes>,
     settings: Settings,
     /// What the client was told at login of each setting the server reports (ParameterStatus):
     /// its values at session start, which DISCARD ALL goes back to.
@@ -602,7 +613,7 @@ impl Session {
             unnamed: None,
             parses_unnamed: false,
             portal_changes: Vec::new(),
-            portal_drops: false,
+            portal_drops: Vec::new(),
             settings: login.settings,
             reported: login.status.clone(),
             started: login.status,
@@ -807,7 +818,9 @@ impl Session {
                         | Kind::Bind { .. }
                         | Kind::Describe { .. }
                         | Kind::Close => true,
-                        Kind::Execute { changes } => changes.is_empty(),
+                        Kind::Execute { changes, dropped } => {
+                            changes.is_empty() && dropped.is_none()
+                        }
                         _ => false,
                     };
                 if untracked {
@@ -2674,12 +2687,12 @@ impl Session {
                     wire.extend_from_slice(msg);
                     if portal_unnamed {
                         self.portal_changes.clear();
-                        self.portal_drops = false;
                         if let Some(u) = &self.unnamed {
                             self.portal_changes.extend_from_slice(&u.changes);
-                            self.portal_drops = u.drops_all;
                         }
                     }
+                    let drops = self.unnamed.as_ref().is_some_and(|u| u.drops_all);
+                    self.note_portal_drops(bind.portal, drops);
                 } else {
                     let Some(stmt) = self.lookup(i, bind.statement, wire) else {
                         return Ok(());
@@ -2692,8 +2705,8 @@ impl Session {
                     });
                     if portal_unnamed {
                         self.portal_changes = stmt.effects.changes.clone();
-                        self.portal_drops = stmt.effects.drops_all;
                     }
+                    self.note_portal_drops(bind.portal, stmt.effects.drops_all);
                     bound = stmt.id;
                 }
                 self.portals.insert(bind.portal, self.conns[i].key);
@@ -2738,9 +2751,13 @@ impl Session {
                 } else {
                     Vec::new()
                 };
-                if portal.is_empty() && std::mem::take(&mut self.portal_drops) {
-                    self.drops_all(i);
-                }
+                let dropped = if !self.portal_drops.is_empty()
+                    && self.portal_drops.iter().any(|p| p[..] == *portal)
+                {
+                    Some(self.drops_all(i))
+                } else {
+                    None
+                };
                 let restore = if changes.is_empty() {
                     None
                 } else {
@@ -2749,7 +2766,7 @@ impl Session {
                 wire.extend_from_slice(msg);
                 self.conns[i]
                     .expect
-                    .push_back(reply(Kind::Execute { changes }));
+                    .push_back(reply(Kind::Execute { changes, dropped }));
                 if let Some(sql) = restore {
                     self.restore_after(i, &sql, wire);
                 }
@@ -3033,7 +3050,7 @@ impl Session {
             return;
         }
         match kind {
-            Kind::Execute { changes } if t == tag::COMMAND_COMPLETE && !changes.is_empty() => {
+            Kind::Execute { changes, .. } if t == tag::COMMAND_COMPLETE && !changes.is_empty() => {
                 self.tx_changes.extend(changes)
             }
             Kind::Query { changes, .. } => {
@@ -3069,17 +3086,40 @@ impl Session {
         }));
     }
 
+    /// A Bind of a statement that runs DISCARD ALL or DEALLOCATE ALL (`drops`) into
+    /// `portal`, or of another one.
+    fn note_portal_drops(&mut self, portal: &[u8], drops: bool) {
+        if drops {
+            self.portal_drops.push(Bytes::copy_from_slice(portal));
+        } else if !self.portal_drops.is_empty() {
+            self.portal_drops.retain(|p| p[..] != *portal);
+        }
+    }
+
     /// An Execute of `DEALLOCATE ALL` or `DISCARD ALL` goes to server `i` (DISCARD ALL always;
     /// DEALLOCATE ALL in session pooling, where SQL-level statements live there too, or in a
     /// larger pipeline): it drops every named prepared statement there, the proxy's shared ones
-    /// and the client's. Known when it is sent, so what is pipelined behind it is prepared
-    /// again. Should it fail, the server keeps statements the proxy no longer counts: the
-    /// connection is closed rather than handed on when the client is done with it.
-    fn drops_all(&mut self, i: usize) {
-        let held = &mut self.conns[i];
-        held.conn.prepared.clear();
-        held.conn.broken = true;
-        self.statements.clear();
+    /// and the client's. Accounted for when sent, so what is pipelined behind it is prepared
+    /// again; what was counted before is kept, for an error that means it did not run.
+    fn drops_all(&mut self, i: usize) -> Box<Dropped> {
+        Box::new(Dropped {
+            prepared: std::mem::take(&mut self.conns[i].conn.prepared),
+            statements: std::mem::take(&mut self.statements),
+        })
+    }
+
+    /// A DISCARD ALL or DEALLOCATE ALL on server `i` failed or was skipped: the statements
+    /// counted before it are there still, with any prepared since.
+    #[cold]
+    fn undrop(&mut self, i: usize, dropped: Dropped) {
+        let Dropped {
+            prepared,
+            statements,
+        } = dropped;
+        self.conns[i].conn.prepared.extend(prepared);
+        for (name, stmt) in statements {
+            self.statements.entry(name).or_insert(stmt);
+        }
     }
 
     /// After a ReadyForQuery: settle settings, learn where a write ended, track the
@@ -3228,10 +3268,7 @@ impl Session {
             _ => None,
         };
         if asked == Some(true) {
-            self.unnamed = None;
-            for held in &mut self.conns {
-                held.unnamed_ready = false;
-            }
+            self.forget_unnamed(i);
         }
         let asked = asked.is_some();
         let held = &mut self.conns[i];
@@ -3241,23 +3278,39 @@ impl Session {
         if self.merge.is_none() {
             self.skip_until_sync = self.skip_until_sync || !held.expect.iter().any(is_sync);
         }
+        let mut undropped = None;
         while let Some(front) = held.expect.front() {
             if is_sync(front) {
                 break;
             }
-            if let Some(Expect::Reply {
-                kind: Kind::Parse { stmt, client, .. },
-                ..
-            }) = held.expect.pop_front()
-            {
-                if let Some(id) = stmt {
-                    held.conn.prepared.remove(&id);
+            match held.expect.pop_front() {
+                Some(Expect::Reply {
+                    kind: Kind::Parse { stmt, client, .. },
+                    ..
+                }) => {
+                    if let Some(id) = stmt {
+                        held.conn.prepared.remove(&id);
+                    }
+                    if let Some(name) = client {
+                        self.statements.remove(&name);
+                    }
                 }
-                if let Some(name) = client {
-                    self.statements.remove(&name);
-                }
+                Some(Expect::Reply {
+                    kind:
+                        Kind::Execute {
+                            dropped: Some(dropped),
+                            ..
+                        },
+                    ..
+                }) => undropped = Some(dropped),
+                _ => {}
             }
         }
+        if let Some(dropped) = undropped {
+            // A DISCARD ALL or DEALLOCATE ALL that failed, or that the server skipped.
+            self.undrop(i, *dropped);
+        }
+        let held = &mut self.conns[i];
         if (was_copy_in || held.unsynced) && !held.expect.iter().any(is_sync) {
             // The server now ignores everything up to a Sync, which is not coming: a COPY FROM
             // STDIN started by Execute failed, and the client's Sync was already spent (ignored
@@ -3284,6 +3337,35 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// The client's Parse of the unnamed statement failed on connection `i` (a `Kind::Fail`
+    /// standing for it): it has none now, unless a Parse of it pipelined after the Sync sets
+    /// it again, which then replaces none.
+    #[cold]
+    fn forget_unnamed(&mut self, i: usize) {
+        for held in &mut self.conns {
+            held.unnamed_ready = false;
+        }
+        let held = &mut self.conns[i];
+        let sync_at = held
+            .expect
+            .iter()
+            .position(is_sync)
+            .unwrap_or(held.expect.len());
+        if let Some(Expect::Reply {
+            kind: Kind::Parse { before, .. },
+            ..
+        }) = held
+            .expect
+            .iter_mut()
+            .skip(sync_at)
+            .find(|e| client_parses_unnamed(e))
+        {
+            *before = None;
+            return;
+        }
+        self.unnamed = None;
     }
 
     /// What an error on connection `i` leaves of the client's unnamed statement. The server

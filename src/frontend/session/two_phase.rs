@@ -283,12 +283,13 @@ impl Session {
         let parse = decode::parse(frame.body()).map_err(|e| self.client_error(e))?;
         let sql = String::from_utf8_lossy(parse.query).into_owned();
         if parse.name.is_empty() {
+            let effects = crate::frontend::settings::effects(&sql);
             self.unnamed = Some(Arc::new(Unnamed {
                 parse: frame.bytes().clone(),
                 analysis: Some(self.shared.router.analyze(&sql)),
                 types: crate::server::parse_param_types(parse.param_types),
-                changes: crate::frontend::settings::effects(&sql).changes,
-                drops_all: false,
+                changes: effects.changes,
+                drops_all: effects.drops_all,
                 local: true,
             }));
             for held in &mut self.conns {
