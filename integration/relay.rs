@@ -2478,6 +2478,15 @@ async fn shortcut_edges() {
         n
     }
     let run = |name: &str| [raw::bind("", name, &[]), raw::execute("", 0), raw::sync()].concat();
+    let discard_in_portal = || {
+        [
+            raw::parse("", "DISCARD ALL"),
+            raw::bind("p1", "", &[]),
+            raw::execute("p1", 0),
+            raw::sync(),
+        ]
+        .concat()
+    };
     let steps = |table: &str| {
         vec![
             // BEGIN with another statement prepared in the same batch.
@@ -2516,23 +2525,9 @@ async fn shortcut_edges() {
             raw::query("ROLLBACK"),
             run("s1"),
             // DISCARD ALL in a named portal; then one that fails (in a transaction block).
-            [
-                raw::parse("", "DISCARD ALL"),
-                raw::bind("p1", "", &[]),
-                raw::execute("p1", 0),
-                raw::sync(),
-                raw::parse("s1", "SELECT 1"),
-                run("s1"),
-            ]
-            .concat(),
+            [discard_in_portal(), raw::parse("s1", "SELECT 1"), run("s1")].concat(),
             raw::query("BEGIN"),
-            [
-                raw::parse("", "DISCARD ALL"),
-                raw::bind("p1", "", &[]),
-                raw::execute("p1", 0),
-                raw::sync(),
-            ]
-            .concat(),
+            discard_in_portal(),
             raw::query("ROLLBACK"),
             run("s1"),
         ]

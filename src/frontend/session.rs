@@ -3347,25 +3347,10 @@ impl Session {
         for held in &mut self.conns {
             held.unnamed_ready = false;
         }
-        let held = &mut self.conns[i];
-        let sync_at = held
-            .expect
-            .iter()
-            .position(is_sync)
-            .unwrap_or(held.expect.len());
-        if let Some(Expect::Reply {
-            kind: Kind::Parse { before, .. },
-            ..
-        }) = held
-            .expect
-            .iter_mut()
-            .skip(sync_at)
-            .find(|e| client_parses_unnamed(e))
-        {
-            *before = None;
-            return;
+        match later_unnamed_parse(&mut self.conns[i]) {
+            Some(before) => *before = None,
+            None => self.unnamed = None,
         }
-        self.unnamed = None;
     }
 
     /// What an error on connection `i` leaves of the client's unnamed statement. The server
@@ -3401,15 +3386,7 @@ impl Session {
         };
         // A Parse of it after the Sync sets it again: what this error leaves is what that one
         // replaces, should it fail or be skipped in turn.
-        if let Some(Expect::Reply {
-            kind: Kind::Parse { before, .. },
-            ..
-        }) = held
-            .expect
-            .iter_mut()
-            .skip(sync_at)
-            .find(|e| client_parses_unnamed(e))
-        {
+        if let Some(before) = later_unnamed_parse(held) {
             *before = outcome;
             return;
         }
@@ -3627,6 +3604,27 @@ fn fail(wire: &mut BytesMut) {
         build::cstr(b, FAIL_TEXT);
         b.put_i16(0);
     });
+}
+
+/// What the first client Parse of the unnamed statement queued after the next Sync replaces
+/// (an error skips up to that Sync, not beyond).
+fn later_unnamed_parse(held: &mut Held) -> Option<&mut Option<Arc<Unnamed>>> {
+    let sync_at = held
+        .expect
+        .iter()
+        .position(is_sync)
+        .unwrap_or(held.expect.len());
+    held.expect
+        .iter_mut()
+        .skip(sync_at)
+        .find(|e| client_parses_unnamed(e))
+        .and_then(|e| match e {
+            Expect::Reply {
+                kind: Kind::Parse { before, .. },
+                ..
+            } => Some(before),
+            _ => None,
+        })
 }
 
 /// The client's own Parse of the unnamed statement.
