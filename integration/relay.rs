@@ -1597,11 +1597,7 @@ async fn a_proxy_error_inside_a_batch_rolls_it_back() {
         ];
         for step in &steps {
             c.send(step).await;
-            let msgs = c.until_ready().await;
-            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
-            let value = msgs.iter().find_map(raw::Msg::col0).unwrap_or_default();
-            let status = msgs.last().map_or('-', |z| char::from(z.body[0]));
-            replies.push(format!("{} {status} {code}{value}", raw::tags(&msgs)));
+            replies.push(raw::summary(&c.until_ready().await));
         }
         replies
     }
@@ -1671,12 +1667,7 @@ async fn a_transaction_begun_after_a_flush_takes_in_the_batch() {
         let count = raw::query(&format!("SELECT count(*) FROM {table} WHERE id = {id}"));
         for step in [begin, end, &count[..]] {
             c.send(step).await;
-            let msgs = c.until_ready().await;
-            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
-            eprintln!("{}", raw::explain(&msgs));
-            let value = msgs.iter().find_map(raw::Msg::col0).unwrap_or_default();
-            let status = msgs.last().map_or('-', |z| char::from(z.body[0]));
-            replies.push(format!("{} {status} {code}{value}", raw::tags(&msgs)));
+            replies.push(raw::summary(&c.until_ready().await));
         }
         c.send(&raw::query(&format!("DELETE FROM {table} WHERE id = {id}")))
             .await;
@@ -1936,16 +1927,7 @@ async fn a_missing_statement_in_a_batch_answered_whole() {
             .concat(),
             raw::extended("SELECT 5"),
         ];
-        let mut replies = Vec::new();
-        for step in &steps {
-            c.send(step).await;
-            let msgs = c.until_ready().await;
-            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
-            let value = msgs.iter().find_map(raw::Msg::col0).unwrap_or_default();
-            let status = msgs.last().map_or('-', |z| char::from(z.body[0]));
-            replies.push(format!("{} {status} {code}{value}", raw::tags(&msgs)));
-        }
-        replies
+        c.transcript(&steps).await
     }
     let direct = exchange(primary, &direct_table).await;
     assert_eq!(
@@ -2080,16 +2062,7 @@ async fn an_extended_begin_is_deferred_to_the_shard_used() {
             raw::query(&format!("SELECT count(*) FROM {table} WHERE id = {id}")),
             raw::query(&format!("DELETE FROM {table} WHERE id = {id}")),
         ];
-        let mut replies = Vec::new();
-        for step in &steps {
-            c.send(step).await;
-            let msgs = c.until_ready().await;
-            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
-            let value = msgs.iter().find_map(raw::Msg::col0).unwrap_or_default();
-            let status = msgs.last().map_or('-', |z| char::from(z.body[0]));
-            replies.push(format!("{} {status} {code}{value}", raw::tags(&msgs)));
-        }
-        replies
+        c.transcript(&steps).await
     }
     let direct = run(primary, &table, 1000).await;
     assert_eq!(direct[5], "TDCZ I 1", "{direct:?}");
@@ -2353,16 +2326,7 @@ async fn an_unplannable_statement_mid_pipeline() {
             // The unnamed statement whose Parse failed is gone.
             [raw::bind("", "", &[]), raw::execute("", 0), raw::sync()].concat(),
         ];
-        let mut replies = Vec::new();
-        for step in &steps {
-            c.send(step).await;
-            let msgs = c.until_ready().await;
-            let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
-            let value = msgs.iter().find_map(raw::Msg::col0).unwrap_or_default();
-            let status = msgs.last().map_or('-', |z| char::from(z.body[0]));
-            replies.push(format!("{} {status} {code}{value}", raw::tags(&msgs)));
-        }
-        replies
+        c.transcript(&steps).await
     }
     let direct = exchange(primary, &direct_table, "SELEC 1").await;
     assert_eq!(
@@ -2459,11 +2423,7 @@ async fn shortcut_edges() {
             // One reply per Sync in the step.
             let syncs = protocol_syncs(step);
             for _ in 0..syncs {
-                let msgs = c.until_ready().await;
-                let code = msgs.iter().find_map(raw::Msg::code).unwrap_or_default();
-                let value = msgs.iter().find_map(raw::Msg::col0).unwrap_or_default();
-                let status = msgs.last().map_or('-', |z| char::from(z.body[0]));
-                replies.push(format!("{} {status} {code}{value}", raw::tags(&msgs)));
+                replies.push(raw::summary(&c.until_ready().await));
             }
         }
         replies

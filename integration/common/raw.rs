@@ -307,6 +307,16 @@ impl Raw {
     }
 
     /// Reads messages up to and including the next ReadyForQuery.
+    /// Sends each step and reads its reply up to ReadyForQuery: the replies' summaries.
+    pub async fn transcript(&mut self, steps: &[Vec<u8>]) -> Vec<String> {
+        let mut replies = Vec::new();
+        for step in steps {
+            self.send(step).await;
+            replies.push(summary(&self.until_ready().await));
+        }
+        replies
+    }
+
     pub async fn until_ready(&mut self) -> Vec<Msg> {
         let mut all = Vec::new();
         loop {
@@ -321,6 +331,15 @@ impl Raw {
 }
 
 /// The tags of a reply, as a string ("12DDCZ"), with runs of DataRows kept.
+/// One reply in a line: its tags, the transaction status its ReadyForQuery reports, the
+/// SQLSTATE of its error and the first column of its first row (empty where there is none).
+pub fn summary(msgs: &[Msg]) -> String {
+    let code = msgs.iter().find_map(Msg::code).unwrap_or_default();
+    let value = msgs.iter().find_map(Msg::col0).unwrap_or_default();
+    let status = msgs.last().map_or('-', |z| char::from(z.body[0]));
+    format!("{} {status} {code}{value}", tags(msgs))
+}
+
 pub fn tags(msgs: &[Msg]) -> String {
     msgs.iter().map(|m| m.tag as char).collect()
 }
