@@ -317,14 +317,6 @@ async fn dead_server_fails_fast_and_the_pool_recovers() {
 
 // === Session settings against Postgres: startup parameters, ParameterStatus, RESET ===
 
-/// One frontend message.
-fn frontend(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-    out.extend_from_slice(body);
-    out
-}
-
 /// ParameterStatus values by name, for comparison.
 type Reported = std::collections::BTreeMap<String, String>;
 
@@ -338,52 +330,8 @@ fn parameter_status(m: &raw::Msg) -> (String, String) {
 /// database: the session and the ParameterStatus values it got, or the ErrorResponse that
 /// refused it.
 async fn login_with(port: u16, params: &[(&str, &str)]) -> Result<(raw::Raw, Reported), raw::Msg> {
-    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-    let s = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    let mut body = 196_608i32.to_be_bytes().to_vec();
-    for (name, value) in [("user", "app"), ("database", "app")].iter().chain(params) {
-        for s in [name, value] {
-            body.extend_from_slice(s.as_bytes());
-            body.push(0);
-        }
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
-    let mut raw = raw::Raw { s };
-    raw.send(&packet).await;
-    let mut scram = ScramSha256::new(b"app", ChannelBinding::unsupported());
-    let mut reported = Reported::new();
-    loop {
-        let m = raw.read().await;
-        let code = m
-            .body
-            .get(..4)
-            .map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]]));
-        match (m.tag, code) {
-            (b'R', Some(10)) => {
-                let first = scram.message().to_vec();
-                let mut b = b"SCRAM-SHA-256\0".to_vec();
-                b.extend_from_slice(&(first.len() as i32).to_be_bytes());
-                b.extend_from_slice(&first);
-                raw.send(&frontend(b'p', &b)).await;
-            }
-            (b'R', Some(11)) => {
-                scram.update(&m.body[4..]).expect("server first");
-                let next = scram.message().to_vec();
-                raw.send(&frontend(b'p', &next)).await;
-            }
-            (b'R', Some(12)) => scram.finish(&m.body[4..]).expect("server final"),
-            (b'S', _) => {
-                reported.insert(parameter_status(&m).0, parameter_status(&m).1);
-            }
-            (b'Z', _) => return Ok((raw, reported)),
-            (b'E', _) => return Err(m),
-            _ => {}
-        }
-    }
+    let (raw, statuses) = raw::Raw::login_with(port, params).await?;
+    Ok((raw, statuses.iter().map(parameter_status).collect()))
 }
 
 /// The primary the single-shard proxy serves, for a direct comparison.

@@ -239,18 +239,33 @@ pub fn query(sql: &str) -> Vec<u8> {
 impl Raw {
     /// Logs in as app/app with SCRAM (the proxy's default).
     pub async fn login(port: u16) -> Raw {
+        match Raw::login_with(port, &[]).await {
+            Ok((raw, _)) => raw,
+            Err(e) => panic!("login failed: {}", String::from_utf8_lossy(&e.body)),
+        }
+    }
+
+    /// Logs in as app/app with SCRAM and startup parameters `params` besides the user and
+    /// database: the session and the ParameterStatus messages it got, or the ErrorResponse
+    /// that refused it.
+    pub async fn login_with(port: u16, params: &[(&str, &str)]) -> Result<(Raw, Vec<Msg>), Msg> {
         use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-        let mut s = TcpStream::connect(("127.0.0.1", port))
+        let s = TcpStream::connect(("127.0.0.1", port))
             .await
             .expect("connect");
-        let mut pkt = Vec::new();
-        let body = b"user\0app\0database\0app\0\0";
-        pkt.extend_from_slice(&((8 + body.len()) as i32).to_be_bytes());
-        pkt.extend_from_slice(&196_608i32.to_be_bytes());
-        pkt.extend_from_slice(body);
-        s.write_all(&pkt).await.expect("startup");
-        let mut scram = ScramSha256::new(b"app", ChannelBinding::unsupported());
+        let mut body = 196_608i32.to_be_bytes().to_vec();
+        for (name, value) in [("user", "app"), ("database", "app")].iter().chain(params) {
+            for part in [name, value] {
+                cstr(&mut body, part);
+            }
+        }
+        body.push(0);
+        let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&body);
         let mut raw = Raw { s };
+        raw.send(&packet).await;
+        let mut scram = ScramSha256::new(b"app", ChannelBinding::unsupported());
+        let mut reported = Vec::new();
         loop {
             let m = raw.read().await;
             let code = m
@@ -272,8 +287,9 @@ impl Raw {
                     raw.send(&msg(b'p', &next)).await;
                 }
                 (b'R', Some(12)) => scram.finish(&m.body[4..]).expect("server final"),
-                (b'Z', _) => return raw,
-                (b'E', _) => panic!("login failed: {}", String::from_utf8_lossy(&m.body)),
+                (b'S', _) => reported.push(m),
+                (b'Z', _) => return Ok((raw, reported)),
+                (b'E', _) => return Err(m),
                 _ => {}
             }
         }

@@ -165,13 +165,7 @@ impl ServerConn {
         // rollback's.
         let (mut ready, mut error) = (0, None);
         while ready < 3 {
-            let frame = match self.reader.next().await {
-                Ok(frame) => frame,
-                Err(e) => {
-                    self.broken = true;
-                    return Err(Error::protocol(&self.addr, e));
-                }
-            };
+            let frame = self.next_frame().await?;
             match frame.tag() {
                 tag::ERROR_RESPONSE if ready == 1 => error = Some(frame.into_bytes()),
                 tag::READY_FOR_QUERY => {
@@ -190,6 +184,17 @@ impl ServerConn {
         Ok(error)
     }
 
+    /// The next message from the server; a read that fails marks the connection broken.
+    async fn next_frame(&mut self) -> Result<crate::protocol::Frame, Error> {
+        match self.reader.next().await {
+            Ok(frame) => Ok(frame),
+            Err(e) => {
+                self.broken = true;
+                Err(Error::protocol(&self.addr, e))
+            }
+        }
+    }
+
     /// Runs `sql` as one simple Query and returns the text columns of the last row it
     /// returned, or the body of the server's ErrorResponse if a statement failed.
     ///
@@ -204,13 +209,7 @@ impl ServerConn {
         self.send(&wire).await?;
         let (mut row, mut error) = (Vec::new(), None);
         loop {
-            let frame = match self.reader.next().await {
-                Ok(frame) => frame,
-                Err(e) => {
-                    self.broken = true;
-                    return Err(Error::protocol(&self.addr, e));
-                }
-            };
+            let frame = self.next_frame().await?;
             match frame.tag() {
                 tag::DATA_ROW => match decode::data_row_text(frame.body()) {
                     Ok(columns) => row = columns,
